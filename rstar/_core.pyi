@@ -65,12 +65,16 @@ written by the reference's author, the C++ side follows them or documents otherw
   terminal flag, a dead end). The start node: terminal flag -> dead end; EXPANDING ->
   collision; UNEXPANDED -> claimed. Pending visits (O += 1 from the start node to the leaf)
   are added only when a descent claims a leaf, after it, so descent j of a call sees the
-  O of descents 0..j-1. ``select`` runs, for each tree id in input order, k descents;
+  O of descents 0..j-1. k must be in [0, 65536] (else ValueError: a huge k would spin
+  on collisions). ``select`` runs, for each tree id in input order, k descents;
   results are in that order. ``path_*`` always start at the tree root (also for
   ``select_from``); ``depths`` is the leaf's depth from the root.
 * Node ids: blocks (a root is a block of 1; the children of one expansion are one block)
-  come from a LIFO free list of that exact size, else from the top (``high_water`` grows);
-  CapacityError when ``high_water + n > max_nodes`` and that size's free list is empty.
+  come from a LIFO free list of that exact size, else from the top (``high_water`` grows),
+  else (C++ engine, added by its author) by splitting the free block of the smallest larger
+  size m that has one: pop it, use its first n nodes, push the remaining m - n nodes as a
+  block on the list of size m - n. CapacityError when none of the three applies; a batch
+  checks (by replaying these rules on counts) that all its blocks fit before taking any.
   ``release_trees`` pushes each tree's blocks in breadth-first order (root block first),
   trees in input order. ``add_trees``/``expand`` allocate in input order.
 * Tickets: ``generation << 32 | slot``. Slots come from a LIFO stack of freed slots, else a
@@ -90,6 +94,16 @@ written by the reference's author, the C++ side follows them or documents otherw
   ``select`` and ``select_from`` accept duplicates). Validation order over the whole batch:
   shapes and values (ValueError), then ids (UnknownIdError: unknown, released or resolved),
   then states (ForestStateError), then capacity (CapacityError).
+* Limits (C++): ``max_children`` <= 65535 (ValueError), ``n_children[i] < 0`` is a ValueError,
+  at most 2**31 trees per forest. ``memory_stats()["node_bytes"]`` is the C++ engine's bytes
+  per node: a 32-byte hot record (what selection and backup touch) plus a 24-byte cold record
+  (payload, init value, reward) = 56; ``resident_bytes_estimate`` is implementation-specific.
+  Neither is compared across implementations.
+* Concurrency (C++; the reference is single-threaded): the rules above are what a sequence
+  of calls gives. Under concurrent calls a descent that loses the claim of a leaf to another
+  thread looks at that node again; a node closed or invalidated by another thread ends the
+  descent as a dead end. A ticket generation wraps from 2**32 - 1 to 1. Node ids of a
+  released tree are unknown until their slots are reused by a later allocation.
 * Counters (``stats``): selects = descents attempted, leaves = tickets issued, collisions,
   dead_ends, expansions = tickets expanded, backups = tickets backed up plus nodes given to
   ``backup_nodes``, cancels = tickets cancelled.
