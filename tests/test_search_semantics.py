@@ -1,0 +1,258 @@
+"""Exact official MCTS semantics, beam/best-of-N/greedy behaviour, resume, with scripted
+test doubles (no model): the engine-driven search must build the same trees as a plain
+sequential transcription of the official solver."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from search_fakes import (
+    FakeGrader,
+    FakeSandbox,
+    FakeScorer,
+    Problem,
+    ScriptedGenerator,
+    official_mcts,
+    ppm_of,
+)
+from rstar.search.config import SearchConfig, load_search_config
+from rstar.search.driver import Searcher
+from rstar.search.prompts import build_prompt
+
+QUESTIONS = [Problem(f"p{i}", f"What is question number {i}?", str(i % 3)) for i in range(12)]
+
+
+def run(cfg: SearchConfig, problems=QUESTIONS, *, scorer=None, gen=None, out=None, sandbox=None):
+    gen = gen or ScriptedGenerator()
+    with Searcher(gen, scorer, cfg, sandbox=sandbox or FakeSandbox(), grader=FakeGrader()) as s:
+        return s.run(problems, out, progress=False), s
+
+
+def mcts_cfg(**kw) -> SearchConfig:
+    base = dict(mode="mcts", value="terminal", n=4, rollouts=6, max_depth=5, error_threshold=2,
+                reference_engine=True)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def check_tree(rec: dict) -> None:
+    """Parents precede children, depths consistent, Q = mean of what was added, terminal
+    answers extracted."""
+    nodes = rec["nodes"]
+    assert nodes[0]["parent"] == -1 and nodes[0]["depth"] == 0
+    for i, n in enumerate(nodes[1:], 1):
+        assert 0 <= n["parent"] < i
+        assert n["depth"] == nodes[n["parent"]]["depth"] + 1
+        if n["kind"] == "answer" and n["valid"]:
+            assert n["answer"] is not None and n["terminal"]
+        if not n["valid"]:
+            assert n["terminal"]
+    # value bookkeeping: W(node) = own init + own invalid value + sum of terminal backups below
+    sums = [0.0] * len(nodes)
+    cnt = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        if i == 0:
+            continue
+        if not n["valid"]:
+            sums[i] += -1.0
+            cnt[i] += 1
+            continue
+        if n["value"] is not None and not (n["terminal"] and rec["mode"] == "mcts"):
+            sums[i] += n["value"]
+            cnt[i] += 1
+        if n["terminal"] and n["reward"] is not None:
+            j = i
+            while j != -1:
+                sums[j] += n["reward"]
+                cnt[j] += 1
+                j = nodes[j]["parent"]
+    for i, n in enumerate(nodes):
+        assert n["visits"] == cnt[i], (i, n)
+        expect = sums[i] / cnt[i] if cnt[i] else 0.0
+        assert math.isclose(n["q"], expect, abs_tol=1e-6), (i, n["q"], expect)
+
+
+def reference_tree(p: Problem, cfg: SearchConfig):
+    return official_mcts(p.question, p.answer, ScriptedGenerator(), n=cfg.n, rollouts=cfg.rollouts,
+                         max_depth=cfg.max_depth, threshold=cfg.error_threshold, value=cfg.value,
+                         collapse=cfg.answer_collapse, dedup=cfg.dedup)
+
+
+def assert_same_as_official(rec: dict, ref) -> None:
+    nodes = rec["nodes"]
+    assert len(nodes) == len(ref), (len(nodes), len(ref))
+    for n, r in zip(nodes, ref):
+        assert n["text"] == r.text
+        assert n["parent"] == (r.parent.order if r.parent is not None and r.parent.order >= 0 else (0 if r.parent else -1))
+        assert n["visits"] == r.N, (n, r.N)
+        assert math.isclose(n["q"], r.q(), abs_tol=1e-6)
+        assert n["valid"] == r.valid
+
+
+@pytest.mark.parametrize("value", ["terminal", "ppm_init", "ppm"])
+@pytest.mark.parametrize("pipeline", ["async", "lockstep"])
+def test_mcts_matches_official(value: str, pipeline: str) -> None:
+    cfg = mcts_cfg(value=value, pipeline=pipeline)
+    results, s = run(cfg, scorer=FakeScorer() if value != "terminal" else None)
+    for p, res in zip(QUESTIONS, results):
+        rec = res.record
+        check_tree(rec)
+        ref = reference_tree(p, cfg)
+        for i, r in enumerate(ref):
+            r.order = i
+        assert_same_as_official(rec, ref)
+
+
+def test_mcts_semantics_hand_checked() -> None:
+    """A scripted tree: duplicates dropped, answer collapse, error threshold, depth limit."""
+    script = {
+        0: ["<code>\nx = 2 + 2\n<end_of_step>", "<code>\nx = 1/0\n<end_of_step>", "<code>\nx = 2 + 2\n<end_of_step>"],
+    }
+
+    def policy(question, steps, i, req):
+        d = len(steps)
+        if d == 0:
+            return script[0][i]
+        if "1/0" in steps[0]:
+            return "\nprint(x)\n<end_of_code>"  # fails again: 2 consecutive errors -> invalid
+        if d == 1:
+            return ["\nprint(x)\n<end_of_code>", "\n<answer>\\boxed{4}\n<end_of_answer>", "\nprint(x)\n<end_of_code>"][i]
+        return ["\n<answer>\\boxed{5}\n<end_of_answer>", "\n<answer>\\boxed{4}\n<end_of_answer>", "\nq=1\n<end_of_step>"][i]
+
+    cfg = mcts_cfg(n=3, rollouts=4, max_depth=4, error_threshold=2)
+    (res,), _ = run(cfg, [Problem("a", "Q?", "4")], gen=ScriptedGenerator(policy))
+    rec = res.record
+    check_tree(rec)
+    nodes = rec["nodes"]
+    # root: 2 children (the duplicate dropped)
+    assert [n["parent"] for n in nodes[1:3]] == [0, 0]
+    assert nodes[1]["exec_ok"] is True and nodes[2]["exec_ok"] is False and nodes[2]["errors"] == 1
+    assert not nodes[2]["terminal"]  # below the threshold: may still be repaired
+    kids_of_1 = [n for n in nodes if n["parent"] == 1]
+    # answer collapse: the answer sample stopped on <end_of_answer> -> only it is kept
+    assert len(kids_of_1) == 1 and kids_of_1[0]["answer"] == "4" and kids_of_1[0]["correct"] is True
+    assert kids_of_1[0]["reward"] == 1.0
+    kids_of_2 = [n for n in nodes if n["parent"] == 2]
+    assert kids_of_2 and all(not n["valid"] and n["reason"] == "errors" for n in kids_of_2)
+    assert all("<output>" in n["text"] for n in kids_of_2)
+    assert all(n["visits"] == 1 and n["q"] == -1.0 for n in kids_of_2)  # -1 on itself, no backup
+    assert rec["chosen"]["answer"] == "4" and rec["chosen"]["correct"] is True
+
+
+@pytest.mark.parametrize("rollouts", [1, 2, 5])
+def test_depth_limit_and_lazy_close(rollouts: int) -> None:
+    def policy(question, steps, i, req):
+        return f"\nx{len(steps)}_{i} = {i}\n<end_of_step>"
+
+    cfg = mcts_cfg(n=1, rollouts=rollouts, max_depth=3, error_threshold=1)
+    (res,), s = run(cfg, [Problem("d", "Deep?", "1")], gen=ScriptedGenerator(policy))
+    nodes = res.record["nodes"]
+    # the official step loop: the first rollout stops before expanding depth max_depth
+    assert max(n["depth"] for n in nodes) == (3 if rollouts == 1 else 4)
+    deep = [n for n in nodes if n["depth"] == 4]
+    assert all(not n["valid"] and n["reason"] == "depth" for n in deep)
+    ref = official_mcts("Deep?", "1", ScriptedGenerator(policy), n=1, rollouts=rollouts, max_depth=3, threshold=1,
+                        value="terminal")
+    for i, r in enumerate(ref):
+        r.order = i
+    assert_same_as_official(res.record, ref)
+    check_tree(res.record)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_many_leaves_per_tree(k: int) -> None:
+    cfg = mcts_cfg(leaves_per_tree=k, rollouts=8)
+    results, s = run(cfg)
+    for res in results:
+        check_tree(res.record)
+        assert res.record["stats"]["rollouts"] <= 8
+    assert s.forest.memory_stats()["tickets_open"] == 0
+
+
+def test_lockstep_deterministic_and_equal_to_async() -> None:
+    cfg_l = mcts_cfg(pipeline="lockstep", value="ppm")
+    a, _ = run(cfg_l, scorer=FakeScorer())
+    b, _ = run(cfg_l, scorer=FakeScorer())
+    c, _ = run(mcts_cfg(pipeline="async", value="ppm"), scorer=FakeScorer())
+    strip = lambda r: [{k: v for k, v in n.items()} for n in r.record["nodes"]]  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b] == [strip(r) for r in c]
+
+
+def test_beam_children_attached_to_their_parents() -> None:
+    """Each child's text names the parent prompt it was generated from; finished answers
+    enter the ranking (the case the official code gets wrong)."""
+
+    def policy(question, steps, i, req):
+        d = len(steps)
+        tag = f"#{d}.{len(''.join(steps))}.{i}"
+        if d >= 1 and i == 0 and d % 2 == 1:
+            return f"\n<answer>{tag} \\boxed{{{d}}}\n<end_of_answer>"
+        return f"\nv{d}_{i} = {i} {tag}\n<end_of_step>"
+
+    cfg = SearchConfig(mode="beam", value="ppm", n=3, beam_width=3, max_depth=6, error_threshold=1,
+                       answer_collapse=False, reference_engine=True)
+    (res,), _ = run(cfg, [Problem("b", "Beam?", "1")], gen=ScriptedGenerator(policy), scorer=FakeScorer())
+    nodes = res.record["nodes"]
+    for n in nodes[1:]:
+        par = nodes[n["parent"]]
+        prefix_len = 0
+        j = n["parent"]
+        while j > 0:
+            prefix_len += len(nodes[j]["text"])
+            j = nodes[j]["parent"]
+        assert f"#{par['depth']}.{prefix_len}." in n["text"], (n["text"], par["text"])
+        if n["value"] is not None:  # Q = PPM value of the step
+            path = []
+            j = n["id"]
+            while j > 0:
+                path.append(nodes[j]["text"])
+                j = nodes[j]["parent"]
+            assert math.isclose(n["value"], ppm_of(build_prompt("Beam?", "".join(reversed(path)))))
+    finished = [n for n in nodes if n["terminal"] and n["valid"]]
+    assert len(finished) >= 2
+    best = max(res.record["answers"], key=lambda a: a["ppm"])
+    assert res.record["chosen"]["node"] == best["node"]
+    # terminal nodes never hold a beam slot: no child of a terminal node
+    assert not any(nodes[n["parent"]]["terminal"] for n in nodes[1:])
+
+
+def test_best_of_n_and_greedy() -> None:
+    cfg = SearchConfig(mode="best_of_n", value="ppm", n=5, vote="ppm", max_depth=6, error_threshold=1,
+                       dedup=False, answer_collapse=False, reference_engine=True)
+    results, _ = run(cfg, scorer=FakeScorer())
+    for res in results:
+        rec = res.record
+        check_tree(rec)
+        roots_kids = [n for n in rec["nodes"] if n["parent"] == 0]
+        assert len(roots_kids) == 5
+        for n in rec["nodes"][1:]:  # chains: every non-root node has at most one child
+            assert sum(1 for m in rec["nodes"] if m["parent"] == n["id"]) <= 1
+        if rec["answers"]:
+            best = max(rec["answers"], key=lambda a: a["ppm"])
+            assert rec["chosen"]["node"] == best["node"]
+    g = load_search_config("eval_greedy", ["reference_engine=true"])
+    results, s = run(g)
+    for res in results:
+        assert sum(1 for n in res.record["nodes"] if n["parent"] == 0) == 1
+        assert max(n["depth"] for n in res.record["nodes"]) <= 3
+    assert all(r.temperature == 0.0 for r in s.gen.requests)
+
+
+def test_resume_skips_finished(tmp_path) -> None:
+    out = tmp_path / "o.jsonl"
+    cfg = mcts_cfg()
+    first, _ = run(cfg, QUESTIONS[:5], out=out)
+    # a torn last line (a kill mid-write) is dropped and that problem redone
+    with open(out, "ab") as f:
+        f.write(b'{"id": "p5", "nod')
+    gen = ScriptedGenerator()
+    allres, _ = run(cfg, QUESTIONS, out=out, gen=gen)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(p.id for p in QUESTIONS)
+    assert [r.id for r in allres] == [p.id for p in QUESTIONS]
+    asked = {gen.tokenizer.decode(r.prompt_ids).split("\n")[1] for r in gen.requests}
+    assert asked == {p.question for p in QUESTIONS[5:]}
+    assert allres[0].record == first[0].record
