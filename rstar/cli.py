@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "search problems with MCTS / beam / best-of-N / greedy and write one tree per problem",
     ),
+    "mine": ("rstar.train.cli", "main_mine", "mine SFT rows and PPM pairs from search trees"),
     "train-sft": ("rstar.train.cli", "main_sft", "fine-tune the policy on SFT rows mined from trees"),
     "train-ppm": ("rstar.train.cli", "main_ppm", "train the process preference model on mined pairs"),
     "bench": ("rstar.cli", "main_bench", "run a benchmark suite from bench/ and print its table"),
