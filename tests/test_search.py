@@ -158,7 +158,10 @@ def test_end_to_end_vllm(tiny_model_dir, real_sandbox, data_dir) -> None:
 
     from test_search_semantics import check_tree
 
-    gen = backends.VLLMGenerator(str(tiny_model_dir))
+    # On CPU gpu_memory_utilization is the share of RAM vLLM reserves: keep it small.
+    gen = backends.VLLMGenerator(
+        str(tiny_model_dir), gpu_memory_utilization=0.1, enforce_eager=True, max_model_len=1024
+    )
     try:
         cfg = _small(load_search_config("round2"))
         with Searcher(gen, None, cfg, sandbox=real_sandbox, grader=Grader()) as s:
