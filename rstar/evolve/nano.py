@@ -43,11 +43,6 @@ from rstar.testing.models import EOS_TOKEN, PAD_TOKEN  # eos/pad shared by all l
 
 log = logging.getLogger(__name__)
 
-# Qwen2's pre-tokenizer regex: \p{N} matches ONE digit, so every digit is its own token.
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 _SFT = PromptConfig(format="sft")
 
 
@@ -83,37 +78,12 @@ def tokenizer_corpus(world: World, n: int) -> list[str]:
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast``: no unknown tokens (any text encodes), every
-    digit a single token, the rStar step and chat markers single special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer: no unknown tokens (any text encodes), every digit a single
+    token, the rStar step and chat markers single special tokens. The same builder as the
+    test models (``rstar.testing``), so HF, vLLM and the raw tokenizer file agree."""
+    from rstar.testing.models import train_tokenizer
 
-    specials = [EOS_TOKEN, PAD_TOKEN, *STEP_TOKENS]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        additional_special_tokens=list(STEP_TOKENS),
-        clean_up_tokenization_spaces=False,
-        model_max_length=1024,
-    )
-    hf.padding_side = "left"  # generation batches pad on the left
-    return hf
+    return train_tokenizer(texts, vocab_size)
 
 
 def _qwen2_config(cfg: NanoModelConfig, tokenizer: Any) -> Any:
