@@ -43,21 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FROM_CORE = {
-    "Forest",
-    "Selection",
-    "ForestError",
-    "ForestStateError",
-    "CapacityError",
-    "UnknownIdError",
-    "NONE",
-    "UNEXPANDED",
-    "EXPANDING",
-    "EXPANDED",
-    "TERMINAL",
-    "INVALID",
-    "VALUE_SCALE",
-}
+_FROM_CORE = set(__all__) - {"STATE_NAMES", "EngineConfig", "make_forest", "core_available"}
 
 STATE_NAMES: dict[int, str] = {
     0: "UNEXPANDED",
