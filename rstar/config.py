@@ -167,16 +167,27 @@ def merge_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     out = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
+        node: Any = out
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):  # ``rounds.0.search=...``: an index into a list
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: {part!r} is not an index of a {len(node)}-item list")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if last:
+                node[part] = value
+                break
             child = node.get(part)
             if child is None:
                 child = {}
                 node[part] = child
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = child
-        node[path[-1]] = value
     return out
 
 

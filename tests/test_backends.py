@@ -475,3 +475,22 @@ def test_http_generator_reports_server_errors() -> None:
     with pytest.raises(RuntimeError, match="giving up"):
         client.generate([GenerationRequest(prompt_ids=[1, 2], max_new_tokens=2)])
     client.close()
+
+
+def test_preallocated_cache_layer_grows_and_reorders_like_concatenation() -> None:
+    """The decode cache writes in place (no per-token torch.cat); past its planned capacity it
+    grows, and row selection keeps what was written."""
+    import torch
+
+    from rstar.backends.hf import _PreallocatedLayer
+
+    layer = _PreallocatedLayer(2)
+    chunks = [torch.randn(3, 2, n, 4) for n in (2, 1, 3)]
+    for c in chunks:
+        k, v = layer.update(c, -c)
+    want = torch.cat(chunks, dim=2)
+    assert torch.equal(k, want) and torch.equal(v, -want) and layer.get_seq_length() == 6
+    layer.reorder_cache(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, want[[2, 0]])
+    k, _ = layer.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
+    assert k.shape == (2, 2, 7, 4) and torch.equal(k[:, :, :6], want[[2, 0]])

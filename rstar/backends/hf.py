@@ -117,6 +117,119 @@ class _Row:
     stop: str | None = None
 
 
+def _preallocate(cache: Any, capacity: int) -> None:
+    """Swap the plain layers of a ``DynamicCache`` for ``_PreallocatedLayer``s (sliding-window
+    and other special layers are left alone)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = _PreallocatedLayer(capacity)
+
+
+def _preallocated_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A ``DynamicLayer`` that writes each step into a buffer sized for the whole decode.
+
+        The stock layer concatenates the whole cache with every new token (quadratic copying:
+        most of a small model's decoding time on CPU); here a step writes its slot in place and
+        ``keys``/``values`` are views of the filled part. Reordering (fan-out of a prompt to its
+        samples, dropping finished rows) selects rows of the buffer."""
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = max(1, int(capacity))
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            import torch
+
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, d = key_states.shape
+            self._kbuf = torch.empty((b, h, self.capacity, d), dtype=self.dtype, device=self.device)
+            self._vbuf = torch.empty((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype,
+                                     device=self.device)
+            self.length = 0
+            self._views()
+            self.is_initialized = True
+
+        def _views(self) -> None:
+            self.keys = self._kbuf[:, :, : self.length]
+            self.values = self._vbuf[:, :, : self.length]
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            import torch
+
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:  # longer than planned: grow geometrically
+                self.capacity = max(end, 2 * self.capacity)
+                kb = torch.empty((*self._kbuf.shape[:2], self.capacity, self._kbuf.shape[3]),
+                                 dtype=self.dtype, device=self.device)
+                vb = torch.empty((*self._vbuf.shape[:2], self.capacity, self._vbuf.shape[3]),
+                                 dtype=self.dtype, device=self.device)
+                kb[:, :, : self.length] = self._kbuf[:, :, : self.length]
+                vb[:, :, : self.length] = self._vbuf[:, :, : self.length]
+                self._kbuf, self._vbuf = kb, vb
+            self._kbuf[:, :, self.length : end] = key_states
+            self._vbuf[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def reorder_cache(self, beam_idx: Any) -> None:
+            if self.is_initialized:
+                idx = beam_idx.to(self.device)
+                self._kbuf = self._kbuf.index_select(0, idx)
+                self._vbuf = self._vbuf.index_select(0, idx)
+                self._views()
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.is_initialized:
+                self._kbuf = self._kbuf[indices, ...]
+                self._vbuf = self._vbuf[indices, ...]
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
+                self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
+                self._views()
+
+        def reset(self) -> None:
+            self.length = 0
+            self.keys = self.values = None
+            self.is_initialized = False
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if self.is_initialized:
+                self.length = max(0, self.length - tokens_to_remove if tokens_to_remove > 0
+                                  else self.length + tokens_to_remove)
+                self._views()
+
+    return PreallocatedLayer
+
+
+class _LazyLayerClass:
+    """Builds the cache-layer class on first use, so importing this module needs no torch."""
+
+    cls: type | None = None
+
+    def __call__(self, capacity: int) -> Any:
+        if _LazyLayerClass.cls is None:
+            _LazyLayerClass.cls = _preallocated_layer_class()
+        return _LazyLayerClass.cls(capacity)
+
+
+_PreallocatedLayer = _LazyLayerClass()
+
+
 class HFGenerator:
     """``Generator`` on transformers: any causal LM directory / hub name, CPU or GPU."""
 
@@ -287,6 +400,8 @@ class HFGenerator:
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         inp, att, pos = inp.to(dev), att.to(dev), pos.to(dev)
         cache = DynamicCache(config=self.model.config)
+        longest = width + max(r.max_new for _, rows in group for r in rows)
+        _preallocate(cache, longest)
         with torch.inference_mode():
             out = self.model(
                 input_ids=inp,
