@@ -59,7 +59,7 @@ class _Node:
     __slots__ = (
         "parent", "depth", "text", "ids", "kind", "terminal", "valid", "reason", "answer",
         "correct", "ppm", "reward", "exec_ok", "exec_status", "timed_out", "errors", "closes",
-        "eid", "local",
+        "eid", "local", "rollout",
     )
 
     def __init__(self, parent: int, depth: int, text: str, ids: list[int], kind: str) -> None:
@@ -82,6 +82,7 @@ class _Node:
         self.closes = False
         self.eid = -1
         self.local = 0
+        self.rollout = 0  # rollouts started in its tree when it was created (anytime metrics)
 
     def invalidate(self, reason: str) -> None:
         self.terminal = True
@@ -524,6 +525,7 @@ class Searcher:
             ps = parse_step(c.text, c.stop)
             node = _Node(job.leaf, depth, c.text, list(c.token_ids), ps.kind.value)
             node.errors = parent.errors
+            node.rollout = tree.started
             if depth > cfg.max_depth:
                 node.invalidate("depth")
             elif ps.kind is StepKind.ANSWER:
@@ -933,7 +935,7 @@ class Searcher:
                 "visits": stats["visits"][i], "q": stats["q"][i], "value": c.ppm,
                 "reward": c.reward, "terminal": c.terminal, "valid": c.valid, "reason": c.reason,
                 "kind": c.kind, "answer": c.answer, "correct": c.correct, "exec_ok": c.exec_ok,
-                "exec_status": c.exec_status, "errors": c.errors,
+                "exec_status": c.exec_status, "errors": c.errors, "rollout": c.rollout,
             })
         answers = []
         for i, c in enumerate(t.nodes):
