@@ -23,10 +23,21 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "mine": ("rstar.train.cli", "main_mine", "mine SFT rows and PPM pairs from search trees"),
     "train-sft": ("rstar.train.cli", "main_sft", "fine-tune the policy on SFT rows mined from trees"),
     "train-ppm": ("rstar.train.cli", "main_ppm", "train the process preference model on mined pairs"),
+    "merge": (
+        "rstar.distributed.cli",
+        "main_merge",
+        "merge shard outputs of `rstar search --shard-index` and report missing / duplicated problems",
+    ),
+    "evolve": (
+        "rstar.evolve.cli",
+        "main_evolve",
+        "self-evolution: rounds of search -> SFT + PPM pairs -> policy -> PPM -> evaluation",
+    ),
+    "eval": ("rstar.evolve.cli", "main_eval", "evaluate a policy (+PPM): greedy, best-of-N, MCTS+PPM"),
     "bench": ("rstar.cli", "main_bench", "run a benchmark suite from bench/ and print its table"),
 }
 
-BENCH_SUITES = ("engine", "sandbox", "grading", "backends", "search")
+BENCH_SUITES = ("engine", "sandbox", "grading", "backends", "search", "distributed")
 
 
 def _repo_bench_dir() -> Path:

@@ -1,0 +1,280 @@
+"""rstar evolve / rstar eval: configs, resumable stages, scoring of evaluation records, reports,
+and (slow) the shortened nano run end to end with a kill and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rstar.config import ConfigError
+from rstar.evolve.config import EvolveConfig, NanoSetup, RoundSpec, load_evolve_config
+from rstar.evolve.evaluate import bon_at, mcts_at, score_records
+from rstar.evolve.stages import read_record, record_path, run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["nano", "nano-ci", "qwen-math-7b"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_evolve_config(name)
+    assert cfg.rounds[0].policy == "bootstrap"
+    assert all(r.policy == "previous" for r in cfg.rounds[1:])
+    assert cfg.eval.n in cfg.eval.budgets
+
+
+def test_nano_config_is_the_papers_four_rounds() -> None:
+    cfg = load_evolve_config("nano")
+    assert len(cfg.rounds) == 4
+    assert [r.ppm_guided for r in cfg.rounds] == [False, False, True, True]
+    assert [r.sft_from for r in cfg.rounds] == ["base", "previous", "previous", "previous"]
+    rollouts = [next(int(o.split("=")[1]) for o in r.overrides if o.startswith("rollouts=")) for r in cfg.rounds]
+    assert rollouts == [8, 16, 16, 16]
+
+
+def test_overrides_reach_into_lists() -> None:
+    cfg = load_evolve_config("nano", ["rounds.1.ppm_guided=true", "eval.n=4", "output_dir=/tmp/x"])
+    assert cfg.rounds[1].ppm_guided and cfg.eval.n == 4 and cfg.output_dir == "/tmp/x"
+    assert cfg.eval.budgets == [1, 2, 4]
+    with pytest.raises(ConfigError, match="index"):
+        load_evolve_config("nano", ["rounds.9.ppm_guided=true"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rounds": [RoundSpec(policy="previous")]}, "bootstrap"),
+        ({"rounds": [RoundSpec(policy="bootstrap", ppm_guided=True)]}, "no PPM"),
+        ({"nano": None}, "base_model"),
+        ({"eval": {"methods": ["beam"]}}, "unknown"),
+    ],
+)
+def test_invalid_configs_are_clear_errors(kwargs: dict, match: str) -> None:
+    from rstar.config import from_dict, to_dict
+
+    base = to_dict(EvolveConfig(nano=NanoSetup()))
+    base.update({k: (to_dict(v) if not isinstance(v, dict) else {**base.get(k, {}), **v}) for k, v in kwargs.items()})
+    with pytest.raises(ConfigError, match=match):
+        from_dict(EvolveConfig, base)
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("nano: {}\nroundz: []\n")
+    with pytest.raises(ConfigError, match="roundz"):
+        load_evolve_config(str(p))
+
+
+# --------------------------------------------------------------------------- stages
+def test_stage_runs_once_and_records(tmp_path: Path) -> None:
+    calls = []
+
+    def work() -> dict:
+        calls.append(1)
+        return {"x": 1}
+
+    rec = run_stage(tmp_path, "search", 1, work)
+    assert rec.result == {"x": 1} and not rec.skipped
+    again = run_stage(tmp_path, "search", 1, work)
+    assert again.skipped and again.result == {"x": 1} and len(calls) == 1
+    record_path(tmp_path, "search").write_text("{torn")
+    assert read_record(tmp_path, "search") is None  # a torn record means: run again
+    run_stage(tmp_path, "search", 1, work)
+    assert len(calls) == 2
+
+
+def test_failed_stage_leaves_no_record(tmp_path: Path) -> None:
+    def boom() -> dict:
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "sft", 1, boom)
+    assert read_record(tmp_path, "sft") is None
+
+
+# --------------------------------------------------------------------------- scoring
+def _node(i: int, parent: int, rollout: int = 0) -> dict:
+    return {"id": i, "parent": parent, "rollout": rollout}
+
+
+def _bon_record(samples: list[tuple[str, float, bool]]) -> dict:
+    """Each sample: root -> code step -> answer step."""
+    nodes, answers = [_node(0, -1)], []
+    for ans, ppm, ok in samples:
+        c = len(nodes)
+        nodes.append(_node(c, 0))
+        nodes.append(_node(c + 1, c))
+        answers.append({"node": c + 1, "answer": ans, "ppm": ppm, "value": ppm, "correct": ok})
+    return {"nodes": nodes, "answers": answers, "chosen": {}, "stats": {"tokens": 10}}
+
+
+def test_best_of_n_prefixes_vote_by_majority_and_ppm() -> None:
+    rec = _bon_record([("5", 0.1, False), ("7", 0.9, True), ("5", 0.2, False), ("7", 0.3, True), ("7", 0.0, True)])
+    assert bon_at(rec, 1) == {"majority": False, "ppm": False}
+    assert bon_at(rec, 2) == {"majority": False, "ppm": True}  # tie 5/7: first seen wins
+    assert bon_at(rec, 3)["majority"] is False
+    assert bon_at(rec, 5) == {"majority": True, "ppm": True}
+
+
+def test_sample_order_follows_root_children_not_answer_order() -> None:
+    rec = _bon_record([("1", 0.5, True), ("2", 0.6, False)])
+    rec["answers"].reverse()
+    assert bon_at(rec, 1) == {"majority": True, "ppm": True}
+
+
+def test_mcts_anytime_uses_rollout_of_creation() -> None:
+    nodes = [_node(0, -1), _node(1, 0, 1), _node(2, 1, 1), _node(3, 1, 3)]
+    answers = [{"node": 2, "answer": "1", "ppm": 0.2, "correct": False},
+               {"node": 3, "answer": "2", "ppm": 0.8, "correct": True}]
+    rec = {"nodes": nodes, "answers": answers, "chosen": {"correct": True}, "stats": {"tokens": 5}}
+    assert [mcts_at(rec, k) for k in (1, 2, 3, 4)] == [False, False, True, True]
+    s = score_records("mcts", [_P("a", 2)], [rec], [1, 2, 4])
+    assert s["mcts_ppm"]["accuracy"] == 1.0 and s["mcts_ppm"]["by_budget"] == {"1": 0.0, "2": 0.0, "4": 1.0}
+    assert s["mcts_ppm"]["by_difficulty"] == {"2": 1.0}
+
+
+class _P:
+    def __init__(self, pid: str, d: int) -> None:
+        self.id, self.meta = pid, {"difficulty": d}
+
+
+def test_scores_of_bon_without_ppm_have_majority_only() -> None:
+    rec = _bon_record([("3", None, True), ("4", None, False), ("3", None, True)])
+    for a in rec["answers"]:
+        a["ppm"] = None
+    s = score_records("bon", [_P("a", 1)], [rec], [1, 3])
+    assert "bon_ppm" not in s and s["bon_majority"]["accuracy"] == 1.0 and s["pass_at_n"] == 1.0
+
+
+# --------------------------------------------------------------------------- reports and CLI
+def test_report_tables_and_plot_from_records(tmp_path: Path) -> None:
+    from rstar.evolve.pipeline import Evolution
+    from rstar.evolve.report import write_run_report
+    from rstar.evolve.stages import write_json_atomic
+
+    cfg = load_evolve_config("nano-ci", [f"output_dir={tmp_path}"])
+    evo = Evolution(cfg)
+    ev = {"nano-eval": {"problems": 12, "greedy": {"accuracy": 0.25},
+                        "bon_majority": {"accuracy": 0.5, "by_budget": {"1": 0.25, "2": 0.4, "4": 0.5}},
+                        "mcts_ppm": {"accuracy": 0.6, "by_budget": {"1": 0.2, "2": 0.5, "4": 0.6}}}}
+    for k in (0, 1):
+        write_json_atomic(record_path(evo.round_dir(k), "eval"), {"name": "eval", "round": k, "seconds": 3.0,
+                                                                    "result": ev})
+    write_json_atomic(record_path(evo.round_dir(1), "search"), {"name": "search", "round": 1, "seconds": 9.0,
+        "result": {"problems": 24, "covered": 6, "coverage": 0.25, "nodes": 100, "tokens": 1000}})  # fmt: skip
+    rep = write_run_report(evo)
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1 | 6/24 |" in md and "60.0" in md
+    assert [r["round"] for r in rep["rounds"]] == [0, 1]
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "report.json").read_text())["eval_sets"] == ["nano-eval"]
+
+
+def test_dry_run_prints_config_and_plan(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "rstar.cli", "evolve", "--config", "nano", "--dry-run",
+                          f"output_dir={tmp_path}"], capture_output=True, text=True, check=True, cwd=REPO)
+    assert "seed_size: 2048" in out.stdout
+    plan = [ln for ln in out.stdout.splitlines() if ln.startswith("# round") or ln.startswith("# setup")]
+    assert len(plan) == 3 + 1 + 4 * 5 and all(" todo " in ln for ln in plan)
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_cli_lists_evolve_and_eval() -> None:
+    out = subprocess.run([sys.executable, "-m", "rstar.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert "evolve" in out.stdout and "eval" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "rstar.cli", "eval", "--help"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert out.returncode == 0 and "--ppm" in out.stdout
+
+
+# --------------------------------------------------------------------------- the shortened nano run
+def _evolve(out: Path, *extra: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "rstar.cli", "evolve", "--config", "nano-ci", "--no-progress",
+                             f"output_dir={out}", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_nano_ci_run_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
+    """Two rounds of the real pipeline; killed in round 1's search, restarted, completed; a
+    third start skips every stage."""
+    out = tmp_path / "run"
+    trees = out / "round1" / "trees.jsonl"
+    proc = _evolve(out, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if trees.exists() and trees.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = 0
+    for line in trees.read_text().splitlines():
+        try:
+            json.loads(line)
+            done_before += 1
+        except json.JSONDecodeError:  # a line torn by the kill is dropped on resume
+            break
+    assert read_record(out / "round1", "search") is None
+
+    proc = _evolve(out)
+    log, _ = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, log[-4000:]
+    assert f"resuming: {done_before} of 24 problems already done" in log
+    ids = [json.loads(ln)["id"] for ln in trees.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 24  # each problem exactly once
+    for k in (1, 2):
+        for stage in ("search", "mine", "sft", "ppm", "eval"):
+            assert read_record(out / f"round{k}", stage) is not None, (k, stage)
+        assert (out / f"round{k}" / "policy" / "model.safetensors").exists()
+        assert (out / f"round{k}" / "ppm" / "model.safetensors").exists()
+    rep = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in rep["rounds"]] == [0, 1, 2]
+    ev = rep["rounds"][2]["stages"]["eval"]["nano-eval"]
+    assert {"greedy", "bon_majority", "bon_ppm", "mcts_ppm"} <= set(ev)
+    r2 = [json.loads(ln) for ln in (out / "round2" / "trees.jsonl").read_text().splitlines()]
+    assert any(n["value"] is not None for r in r2 for n in r["nodes"][1:])  # round 2 was PPM-guided
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert "| 2 |" in (out / "report.md").read_text()
+
+    t0 = time.time()
+    proc = _evolve(out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and log.count("skipped") >= 12, log[-3000:]
+    assert time.time() - t0 < 120
+
+
+# --------------------------------------------------------------------------- evaluate() with fakes
+def test_evaluate_runs_every_method_and_prefixes_equal_smaller_runs(tmp_path: Path) -> None:
+    """Through the real search with scripted doubles: every method writes its trees and
+    scores; best-of-N at budget k equals a run with n=k (samples are seeded by index); the
+    MCTS at its full budget is exactly the run's chosen answer's accuracy."""
+    from search_fakes import FakeGrader, FakeSandbox, FakeScorer, Problem, ScriptedGenerator
+
+    from rstar.evolve.evaluate import evaluate
+
+    probs = [Problem(f"p{i}", f"What is {i} mod 3?", str(i % 3)) for i in range(12)]
+    common = dict(sandbox=FakeSandbox(), grader=FakeGrader(), progress=False,
+                  overrides={"mcts": ["n=3", "max_depth=6"], "bon": ["max_depth=6"], "greedy": []})
+    big = evaluate(ScriptedGenerator(), FakeScorer(), {"toy": probs}, tmp_path / "a", n=4, budgets=[1, 2, 4],
+                   **common)["toy"]
+    assert {"greedy", "bon_majority", "bon_ppm", "mcts_ppm", "pass_at_n"} <= set(big)
+    for m in ("greedy", "bon", "mcts"):
+        assert len((tmp_path / "a" / "toy" / f"{m}.jsonl").read_text().splitlines()) == 12
+    small = evaluate(ScriptedGenerator(), FakeScorer(), {"toy": probs}, tmp_path / "b", n=2, budgets=[2],
+                     methods=["bon"], **common)["toy"]
+    assert big["bon_majority"]["by_budget"]["2"] == small["bon_majority"]["accuracy"]
+    assert big["bon_ppm"]["by_budget"]["2"] == small["bon_ppm"]["accuracy"]
+    assert big["mcts_ppm"]["tokens_per_problem"] > 0
+    # no PPM: majority only, and no MCTS
+    nop = evaluate(ScriptedGenerator(), None, {"toy": probs}, tmp_path / "c", n=2, budgets=[2], **common)["toy"]
+    assert "mcts_ppm" not in nop and "bon_ppm" not in nop and "bon_majority" in nop
