@@ -1,6 +1,7 @@
 #include "forest.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,14 +24,34 @@ constexpr std::uint32_t kMaxChildrenLimit = 0xFFFF;              // n_children i
 // Below these sizes a batch runs on the calling thread: waking workers costs more.
 constexpr std::size_t kParallelDescents = 512;
 constexpr std::size_t kParallelItems = 2048;
+// Descents of different trees interleaved by one thread (see run_select).
+constexpr std::size_t kDescentsInFlight = 8;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 void* map_region(std::size_t bytes) {
-  // Reserved, not committed: pages are faulted in as the arena's high water grows.
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // Reserved, not committed: pages are faulted in as the arena's high water grows. Regions of
+  // 1 MiB or more are 2 MiB aligned and use transparent huge pages where the system allows
+  // (madvise mode): a growing arena takes one page fault per 2 MiB instead of per 4 KiB, and
+  // descents across many trees miss the TLB far less. The price: a forest commits at least
+  // 2 MiB per arena once used. Smaller arenas (max_nodes < 32768) keep 4 KiB pages.
+  constexpr std::size_t kHuge = std::size_t{2} << 20;
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  auto round_up = [](std::uintptr_t x, std::size_t m) { return (x + m - 1) / m * m; };
+  const bool huge = bytes >= kHuge / 2;
+  const std::size_t want = huge ? bytes + kHuge : bytes;
+  void* p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) throw CapacityError("cannot reserve " + std::to_string(bytes) + " bytes for the node arena");
-  return p;
+  if (!huge) return p;
+  const auto base = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t start = round_up(base, kHuge);
+  const std::uintptr_t used_end = round_up(start + bytes, page), map_end = round_up(base + want, page);
+  if (start > base) ::munmap(p, start - base);  // trim to [start, start + bytes): munmap(start, bytes) frees it
+  if (map_end > used_end) ::munmap(reinterpret_cast<void*>(used_end), map_end - used_end);
+#ifdef MADV_HUGEPAGE
+  ::madvise(reinterpret_cast<void*>(start), used_end - start, MADV_HUGEPAGE);  // a hint; failure is harmless
+#endif
+  return reinterpret_cast<void*>(start);
 }
 
 // The fixed-point increment of W for value v (contract: floor(v * 2^32 + 0.5)).
@@ -85,22 +106,29 @@ class Forest::TreeGuard {
   TreeGuard(const TreeGuard&) = delete;
   TreeGuard& operator=(const TreeGuard&) = delete;
   ~TreeGuard() {
-    for (auto* t : entered_) t->users.fetch_sub(1, std::memory_order_seq_cst);
+    for (auto* t : entered_)
+      if (t) t->pins.fetch_sub(detail::PIN_USER, std::memory_order_seq_cst);
   }
   bool enter(TreeRec* t) {
     for (;;) {
-      t->users.fetch_add(1, std::memory_order_seq_cst);
+      t->pins.fetch_add(detail::PIN_USER, std::memory_order_seq_cst);
       const auto s = t->status.load(std::memory_order_seq_cst);
       if (s == detail::TREE_LIVE) {
         entered_.push_back(t);
         return true;
       }
-      t->users.fetch_sub(1, std::memory_order_seq_cst);
+      t->pins.fetch_sub(detail::PIN_USER, std::memory_order_seq_cst);
       if (s != detail::TREE_RELEASING) return false;
       std::this_thread::yield();  // a release is deciding; its outcome comes within microseconds
     }
   }
   void reserve(std::size_t n) { entered_.reserve(n); }
+  // Leaves the i-th entered tree adding `opened` open tickets, in one RMW (the open tickets
+  // keep pinning it); the destructor skips the trees left this way.
+  void leave_opening(std::size_t i, std::uint32_t opened) {
+    entered_[i]->pins.fetch_add(opened - detail::PIN_USER, std::memory_order_seq_cst);
+    entered_[i] = nullptr;
+  }
 
  private:
   std::vector<TreeRec*> entered_;
@@ -199,6 +227,29 @@ std::uint32_t Forest::alloc_block(std::uint32_t n) {
   return NONE;
 }
 
+// When no free list holds a block of any of these sizes and the top has room for all of them,
+// alloc_block would take each from the top, in order: take them all with one CAS instead.
+// The slots are fresh (never constructed): the caller constructs them (construct_node).
+bool Forest::alloc_top_run(std::span<const std::uint32_t> sizes, std::uint32_t* firsts) {
+  std::uint64_t total = 0;
+  std::uint32_t checked = 0;  // batches are mostly one size: look at each list once per run
+  for (auto n : sizes) {
+    if (n != checked && n != 0 && free_counts_[n].load(std::memory_order_relaxed) > 0) return false;
+    checked = n;
+    total += n;
+  }
+  std::uint64_t hw = high_water_.load(std::memory_order_relaxed);
+  do {
+    if (hw + total > opt_.max_nodes) return false;
+  } while (!high_water_.compare_exchange_weak(hw, hw + total, std::memory_order_relaxed));
+  // Not constructed here: the caller constructs each node once, with its values.
+  for (std::size_t j = 0; j < sizes.size(); ++j) {
+    firsts[j] = sizes[j] ? static_cast<std::uint32_t>(hw) : NONE;
+    hw += sizes[j];
+  }
+  return true;
+}
+
 // Replays alloc_block's policy on counts only, so a batch that cannot be served fails before
 // it changes anything.
 void Forest::plan_blocks(std::span<const std::uint32_t> sizes) const {
@@ -227,11 +278,18 @@ void Forest::plan_blocks(std::span<const std::uint32_t> sizes) const {
   }
 }
 
+// First use of slot i (above the old high water): one pass of plain stores, no atomic RMW.
+inline void Forest::construct_node(std::uint32_t i, std::uint32_t parent, float prior, std::uint64_t payload, double reward,
+                            bool terminal) {
+  new (&nodes_[i]) Node{{0}, {0}, {NONE}, {parent}, prior, 0, {terminal ? TERMINAL : UNEXPANDED},
+                        {terminal ? TERMINAL_FLAG : std::uint8_t{0}}};
+  new (&cold_[i]) Cold{payload, {kNaN}, reward};
+}
+
 void Forest::init_node(std::uint32_t i, std::uint32_t parent, float prior, std::uint64_t payload) {
   Node& nd = node(i);
   nd.W.store(0, std::memory_order_relaxed);
-  nd.N.store(0, std::memory_order_relaxed);
-  nd.O.store(0, std::memory_order_relaxed);
+  nd.NO.store(0, std::memory_order_relaxed);
   nd.first_child.store(NONE, std::memory_order_relaxed);
   nd.parent.store(parent, std::memory_order_relaxed);
   nd.prior = prior;
@@ -331,7 +389,7 @@ std::vector<std::uint32_t> Forest::add_trees(std::span<const std::uint64_t> root
     TreeRec& t = trees_.at(id);
     t.root.store(roots[j], std::memory_order_relaxed);
     t.n_nodes.store(1, std::memory_order_relaxed);
-    t.open_tickets.store(0, std::memory_order_relaxed);
+    t.pins.store(0, std::memory_order_relaxed);
     t.status.store(detail::TREE_LIVE, std::memory_order_seq_cst);
     ids[j] = id;
   }
@@ -380,13 +438,14 @@ std::uint64_t Forest::release_trees(std::span<const std::int64_t> tree_ids) {
   }
   claimed = recs.size();
   for (std::size_t j = 0; j < recs.size(); ++j) {
-    const auto open = recs[j]->open_tickets.load(std::memory_order_seq_cst);
+    const std::uint64_t pins = recs[j]->pins.load(std::memory_order_seq_cst);
+    const std::uint32_t open = detail::open_of(pins);
     if (open != 0) {
       undo();
       throw ForestStateError("tree " + std::to_string(tree_ids[j]) + " has " + std::to_string(open) +
                              " open tickets; resolve them first");
     }
-    if (recs[j]->users.load(std::memory_order_seq_cst) != 0) {
+    if (detail::users_of(pins) != 0) {
       undo();
       throw ForestStateError("tree " + std::to_string(tree_ids[j]) + " is in use by a concurrent call");
     }
@@ -424,36 +483,45 @@ Forest::TicketRec* Forest::ticket_slot(std::uint64_t ticket) const {
   return tickets_.find(slot);
 }
 
-std::uint64_t Forest::new_ticket(std::uint32_t tree, std::uint32_t start, std::uint32_t leaf) {
-  // Pop a freed slot (Treiber stack, ABA tag in the high half) or take a new one.
+void Forest::take_ticket_slots(std::size_t n, std::uint64_t* ids) {
+  // Pop a run of freed slots (Treiber stack, ABA tag in the high half): walk n links from the
+  // head, then swing the head past them with one CAS. The head is unchanged (same tag) only if
+  // no push or pop happened meanwhile, so the links read were the stack's.
+  std::size_t m = 0;
   std::uint64_t old = ticket_free_head_.load(std::memory_order_acquire);
-  std::uint32_t slot = NONE;
-  while (static_cast<std::uint32_t>(old) != NONE) {
-    const auto s = static_cast<std::uint32_t>(old);
-    const std::uint32_t link = tickets_.at(s).next_free.load(std::memory_order_relaxed);
-    if (ticket_free_head_.compare_exchange_weak(old, (((old >> 32) + 1) << 32) | link, std::memory_order_acquire,
-                                                std::memory_order_acquire)) {
-      slot = s;
-      break;
+  for (;;) {
+    m = 0;
+    std::uint32_t s = static_cast<std::uint32_t>(old);
+    while (m < n && s != NONE) {
+      ids[m++] = s;
+      s = tickets_.at(s).next_free.load(std::memory_order_relaxed);
     }
+    if (m == 0) break;
+    if (ticket_free_head_.compare_exchange_weak(old, (((old >> 32) + 1) << 32) | s, std::memory_order_acquire,
+                                                std::memory_order_acquire))
+      break;
   }
-  std::uint32_t gen;
-  if (slot == NONE) {
-    // A fresh slot: its tag is 0 until now, and generation 0 never matches a ticket id.
-    const std::uint64_t s = ticket_slots_.fetch_add(1, std::memory_order_acq_rel);
-    if (s >= decltype(tickets_)::kCapacity) throw CapacityError("ticket table full");
-    tickets_.ensure(s);
-    slot = static_cast<std::uint32_t>(s);
-    gen = 1;
-  } else {
-    gen = gen_bits(tickets_.at(slot).tag.load(std::memory_order_relaxed));
+  for (std::size_t j = 0; j < m; ++j) {
+    const auto slot = static_cast<std::uint32_t>(ids[j]);
+    ids[j] = (std::uint64_t{gen_bits(tickets_.at(slot).tag.load(std::memory_order_relaxed))} << 32) | slot;
   }
-  TicketRec& rec = tickets_.at(slot);
+  if (m == n) return;
+  // Fresh slots: their tag is 0 until opened, and generation 0 never matches a ticket id.
+  const std::uint64_t first = ticket_slots_.fetch_add(n - m, std::memory_order_acq_rel);
+  if (first + (n - m) > decltype(tickets_)::kCapacity) throw CapacityError("ticket table full");
+  for (std::size_t j = m; j < n; ++j) {
+    const std::uint64_t slot = first + (j - m);
+    tickets_.ensure(slot);
+    ids[j] = (std::uint64_t{1} << 32) | slot;
+  }
+}
+
+void Forest::open_ticket(std::uint64_t id, std::uint32_t tree, std::uint32_t start, std::uint32_t leaf) {
+  TicketRec& rec = tickets_.at(static_cast<std::uint32_t>(id));
   rec.tree = tree;
   rec.start = start;
   rec.leaf = leaf;
-  rec.tag.store(make_tag(gen, detail::TK_OPEN), std::memory_order_release);
-  return (std::uint64_t{gen} << 32) | slot;
+  rec.tag.store(make_tag(static_cast<std::uint32_t>(id >> 32), detail::TK_OPEN), std::memory_order_release);
 }
 
 std::vector<std::uint32_t> Forest::claim_tickets(std::span<const std::uint64_t> tickets, std::uint32_t& owner) {
@@ -509,26 +577,39 @@ void Forest::unclaim_tickets(std::span<const std::uint64_t> tickets, std::span<c
   }
 }
 
-void Forest::resolve_ticket(std::uint64_t ticket) {
-  const auto slot = static_cast<std::uint32_t>(ticket);
-  TicketRec& rec = tickets_.at(slot);
-  const std::uint32_t tree = rec.tree;
-  std::uint32_t gen = static_cast<std::uint32_t>(ticket >> 32) + 1;
-  if (gen == 0) gen = 1;
-  rec.tag.store(make_tag(gen, detail::TK_FREE), std::memory_order_release);
+void Forest::resolve_tickets(std::span<const std::uint64_t> tickets) {
+  const std::size_t n = tickets.size();
+  if (n == 0) return;
+  std::vector<std::uint32_t> trees(n);  // read first: a pushed slot may be reused at once
+  for (std::size_t j = 0; j < n; ++j) {
+    TicketRec& rec = tickets_.at(static_cast<std::uint32_t>(tickets[j]));
+    trees[j] = rec.tree;
+    std::uint32_t gen = static_cast<std::uint32_t>(tickets[j] >> 32) + 1;
+    if (gen == 0) gen = 1;
+    rec.tag.store(make_tag(gen, detail::TK_FREE), std::memory_order_release);
+    // Chain the slots as n pushes in input order would: each links to the one before it.
+    if (j > 0) rec.next_free.store(static_cast<std::uint32_t>(tickets[j - 1]), std::memory_order_relaxed);
+  }
+  TicketRec& bottom = tickets_.at(static_cast<std::uint32_t>(tickets[0]));
+  const auto top = static_cast<std::uint32_t>(tickets[n - 1]);
   std::uint64_t old = ticket_free_head_.load(std::memory_order_relaxed);
   do {
-    rec.next_free.store(static_cast<std::uint32_t>(old), std::memory_order_relaxed);
-  } while (!ticket_free_head_.compare_exchange_weak(old, (((old >> 32) + 1) << 32) | slot, std::memory_order_release,
+    bottom.next_free.store(static_cast<std::uint32_t>(old), std::memory_order_relaxed);
+  } while (!ticket_free_head_.compare_exchange_weak(old, (((old >> 32) + 1) << 32) | top, std::memory_order_release,
                                                     std::memory_order_relaxed));
   // Last: once open_tickets reaches 0 the tree may be released.
-  trees_.at(tree).open_tickets.fetch_sub(1, std::memory_order_seq_cst);
+  for (std::size_t j = 0; j < n;) {
+    std::size_t run = 1;
+    while (j + run < n && trees[j + run] == trees[j]) ++run;
+    trees_.at(trees[j]).pins.fetch_sub(run, std::memory_order_seq_cst);
+    j += run;
+  }
 }
 
 // ---- statistics --------------------------------------------------------------------------------
 
 double Forest::q_of(const Node& n) const {
-  const std::uint32_t N = n.N.load(std::memory_order_relaxed);
+  const std::uint32_t N = detail::n_of(n.NO.load(std::memory_order_relaxed));
   if (N == 0) return 0.0;
   return static_cast<double>(n.W.load(std::memory_order_relaxed)) / VALUE_SCALE / static_cast<double>(N);
 }
@@ -536,7 +617,7 @@ double Forest::q_of(const Node& n) const {
 void Forest::add_to_root(std::uint32_t i, std::int64_t fx) {
   for (;;) {
     Node& nd = node(i);
-    nd.N.fetch_add(1, std::memory_order_relaxed);
+    nd.NO.fetch_add(detail::NO_N, std::memory_order_relaxed);
     nd.W.fetch_add(fx, std::memory_order_relaxed);
     const std::uint32_t p = nd.parent.load(std::memory_order_relaxed);
     if (p & ROOT_BIT) return;
@@ -544,9 +625,49 @@ void Forest::add_to_root(std::uint32_t i, std::int64_t fx) {
   }
 }
 
+// The walks of a batch are chains of dependent loads, and each step's atomic RMW waits for
+// them: fetch the leaf of the ticket kLeafAhead places on, and the parent of the one
+// kParentAhead places on (whose leaf was fetched earlier), so the walks find them in cache.
+inline void Forest::prefetch_path(std::span<const std::uint64_t> tickets, std::size_t j, std::size_t end) const {
+  constexpr std::size_t kLeafAhead = 16, kParentAhead = 8;
+  if (j + kLeafAhead < end)
+    __builtin_prefetch(&nodes_[tickets_.at(static_cast<std::uint32_t>(tickets[j + kLeafAhead])).leaf]);
+  if (j + kParentAhead < end) {
+    const std::uint32_t p =
+        node(tickets_.at(static_cast<std::uint32_t>(tickets[j + kParentAhead])).leaf).parent.load(std::memory_order_relaxed);
+    if (!(p & ROOT_BIT)) __builtin_prefetch(&nodes_[p]);
+  }
+}
+
+void Forest::backup_path(std::uint32_t leaf, std::uint32_t start, std::int64_t fx) {
+  std::uint32_t i = leaf;
+  for (;;) {  // leaf .. start: the ticket's pending visit becomes a completed one
+    Node& nd = node(i);
+    nd.NO.fetch_add(detail::NO_N_MINUS_O, std::memory_order_relaxed);
+    nd.W.fetch_add(fx, std::memory_order_relaxed);
+    const std::uint32_t p = nd.parent.load(std::memory_order_relaxed);
+    if (i == start) {
+      if (p & ROOT_BIT) return;
+      add_to_root(p, fx);  // above the start (select_from): no pending visit there
+      return;
+    }
+    i = p;
+  }
+}
+
+// A ticket's leaf that was never expanded goes back to UNEXPANDED. Only the ticket's holder
+// changes the state of its EXPANDING leaf, so the load sees EXPANDING exactly when the CAS
+// would succeed; it saves the locked instruction after an expansion.
+void Forest::give_back_claim(std::uint32_t leaf) {
+  Node& nd = node(leaf);
+  std::uint8_t st = nd.state.load(std::memory_order_relaxed);
+  if (st == EXPANDING)
+    nd.state.compare_exchange_strong(st, UNEXPANDED, std::memory_order_release, std::memory_order_relaxed);
+}
+
 void Forest::remove_pending(std::uint32_t leaf, std::uint32_t start) {
   for (std::uint32_t i = leaf;; i = node(i).parent.load(std::memory_order_relaxed)) {
-    node(i).O.fetch_sub(1, std::memory_order_relaxed);
+    node(i).NO.fetch_sub(detail::NO_O, std::memory_order_relaxed);
     if (i == start) return;
   }
 }
@@ -567,100 +688,161 @@ void Forest::for_chunks(std::size_t n, std::size_t min_per_thread, F&& f) {
 Forest::SelectParams Forest::select_params(std::int64_t k, std::optional<Rule> rule, std::optional<double> c) const {
   if (k < 0 || k > 65536) throw InvalidArgument("k must be in [0, 65536], got " + std::to_string(k));
   if (c && (!std::isfinite(*c) || *c < 0.0)) throw InvalidArgument("c must be finite and >= 0");
-  return SelectParams{rule.value_or(opt_.rule) == Rule::Puct, c.value_or(opt_.c)};
+  SelectParams p{};
+  p.puct = rule.value_or(opt_.rule) == Rule::Puct;
+  p.fpu_parent = p.puct && opt_.fpu_mode == FpuMode::Parent;
+  p.c = c.value_or(opt_.c);
+  p.fpu_value = opt_.fpu_value;
+  p.virtual_loss = opt_.virtual_loss;
+  // Every score is finite (never NaN) unless c or virtual_loss is astronomically large: then
+  // c * P or vl * O may overflow to inf, and inf * 0 or inf - inf give NaN. With priors below
+  // 2^128, Npe and Ne below 2^33 and |W| / 2^32 below 2^63, these bounds keep every term
+  // below 1e250, and adding any finite first-play value to that cannot overflow.
+  p.finite = p.c <= 1e200 && p.virtual_loss <= 1e200;
+  return p;
 }
 
-// Same operations in the same order as the Python reference (see the .pyi), so decisions
-// agree bit for bit. Built with -ffp-contract=off.
-double Forest::child_score(const Node& ch, std::uint64_t npe, double log_npe, double parent_q,
-                           const SelectParams& p) const {
-  const std::uint64_t n = ch.N.load(std::memory_order_relaxed);
-  const std::uint64_t o = ch.O.load(std::memory_order_relaxed);
-  const std::uint64_t ne = n + o;
-  double q;
-  if (opt_.virtual_loss > 0.0 && o > 0) {
-    const double w = static_cast<double>(ch.W.load(std::memory_order_relaxed)) / VALUE_SCALE;
-    q = (w - opt_.virtual_loss * static_cast<double>(o)) / static_cast<double>(ne);
-  } else if (n > 0) {
-    q = static_cast<double>(ch.W.load(std::memory_order_relaxed)) / VALUE_SCALE / static_cast<double>(n);
-  } else if (p.puct) {
-    q = opt_.fpu_mode == FpuMode::Value ? opt_.fpu_value : parent_q - opt_.fpu_value;
-  } else {
-    q = 0.0;
+namespace {
+
+struct Choice {
+  std::uint32_t any = NONE;   // first best non-terminal child (offset in the block)
+  std::uint32_t best = NONE;  // first best non-terminal child not in state EXPANDING
+  bool any_expanding = false;
+};
+
+// Scores the children block kids[0, nch) of a parent with Npe = npe and keeps the first
+// strictly greatest score twice (see the .pyi). The operations are those of the Python
+// reference in the same order, so the scores agree bit for bit (-ffp-contract=off); what is
+// per parent (sqrt(Npe), log(Npe), the first-play value) is computed once, and a division by
+// 1.0 (N == 1, Ne == 0) is skipped: x / 1.0 == x exactly. Finite: the options guarantee
+// finite scores (SelectParams::finite), so no score is NaN and "the first child, or a strictly
+// greater score" is simply "a score greater than the best so far, starting from -inf".
+template <bool Puct, bool VirtualLoss, bool Finite>
+[[gnu::always_inline]] inline Choice scan_children(const detail::Node* kids, std::uint32_t nch, std::uint64_t npe,
+                                                   double q_unvisited, double c, double vl) {
+  const double sqrt_npe = Puct ? std::sqrt(static_cast<double>(npe)) : 0.0;
+  const bool explore = Puct || npe > 1;  // rstar: u = 0 when Npe <= 1
+  const double log_npe = (!Puct && explore) ? std::log(static_cast<double>(npe)) : 0.0;
+  const double c_sqrt_log = (!Puct && explore) ? c * std::sqrt(log_npe) : 0.0;  // rstar u at Ne == 1
+  Choice ch;
+  double any_s = -std::numeric_limits<double>::infinity(), best_s = any_s;
+  for (std::uint32_t k = 0; k < nch; ++k) {
+    const detail::Node& nd = kids[k];
+    if (nd.flags.load(std::memory_order_relaxed) & TERMINAL_FLAG) continue;
+    const std::uint64_t no = nd.NO.load(std::memory_order_relaxed);
+    const std::uint32_t n = detail::n_of(no), o = detail::o_of(no);
+    const auto ne = static_cast<std::int64_t>(std::uint64_t{n} + o);  // < 2^33: converts exactly
+    double q;
+    if (VirtualLoss && o > 0) {
+      const double w = static_cast<double>(nd.W.load(std::memory_order_relaxed)) / VALUE_SCALE;
+      q = (w - vl * static_cast<double>(o)) / static_cast<double>(ne);
+    } else if (n > 0) {
+      q = static_cast<double>(nd.W.load(std::memory_order_relaxed)) / VALUE_SCALE;
+      if (n > 1) q /= static_cast<double>(n);
+    } else {
+      q = q_unvisited;
+    }
+    double u;
+    if constexpr (Puct) {
+      u = c * static_cast<double>(nd.prior) * sqrt_npe;
+      if (ne > 0) u /= 1.0 + static_cast<double>(ne);
+    } else if (ne == 0 || !explore) {
+      u = 0.0;
+    } else if (ne == 1) {
+      u = c_sqrt_log;
+    } else {
+      u = c * std::sqrt(log_npe / static_cast<double>(ne));
+    }
+    const double s = q + u;
+    const bool expanding = nd.state.load(std::memory_order_relaxed) == EXPANDING;
+    if ((!Finite && ch.any == NONE) || s > any_s) {
+      ch.any = k;
+      any_s = s;
+      ch.any_expanding = expanding;
+    }
+    if (!expanding && ((!Finite && ch.best == NONE) || s > best_s)) {
+      ch.best = k;
+      best_s = s;
+    }
   }
-  double u;
-  if (p.puct) {
-    u = p.c * static_cast<double>(ch.prior) * std::sqrt(static_cast<double>(npe)) / (1.0 + static_cast<double>(ne));
-  } else if (ne == 0 || npe <= 1) {
-    u = 0.0;
-  } else {
-    u = p.c * std::sqrt(log_npe / static_cast<double>(ne));
-  }
-  return q + u;
+  return ch;
 }
 
-// One descent. Read-only except for the claim (CAS) of the leaf and the lazy closing of a node
-// whose children are all terminal; pending visits are added by the caller after a claim.
-std::uint32_t Forest::descend(std::uint32_t start, const SelectParams& p, bool& collided, bool& dead) const {
-  collided = dead = false;
-  if (node(start).flags.load(std::memory_order_acquire) & TERMINAL_FLAG) {
+}  // namespace
+
+// Software prefetch of the children block of node i when it is published (a hint only: the
+// descent that reads the block acquires the state again).
+[[gnu::always_inline]] inline void Forest::prefetch_children(std::uint32_t i) const {
+  const Node& nd = node(i);
+  if (nd.state.load(std::memory_order_acquire) != EXPANDED) return;
+  const std::uint32_t first = nd.first_child.load(std::memory_order_relaxed);
+  const std::uint32_t nch = std::min<std::uint32_t>(nd.n_children, 16);  // at most 8 lines
+  auto line = reinterpret_cast<std::uintptr_t>(nodes_ + first) & ~std::uintptr_t{63};
+  const auto end = reinterpret_cast<std::uintptr_t>(nodes_ + first + nch);
+  for (; line < end; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line));
+}
+
+// One level of a descent at node `cur` (depth `depth`). Leaf: a leaf was claimed (UNEXPANDED
+// -> EXPANDING): cur itself, or the child chosen here, claimed at once (the next step would
+// start with exactly that). Next: cur moved to the chosen child (depth + 1), or stays after a
+// lost claim, to be looked at again. End: no leaf (collided and/or dead set). Read-only
+// except for the claim and the lazy closing of a node whose children are all terminal;
+// pending visits are added by the caller after a claim.
+template <bool Puct, bool VirtualLoss, bool Finite>
+[[gnu::always_inline]] inline Forest::Step Forest::descend_step(std::uint32_t& cur, std::uint32_t& depth,
+                                                                const SelectParams& p, bool& collided,
+                                                                bool& dead) const {
+  Node& nd = node(cur);
+  std::uint8_t st = nd.state.load(std::memory_order_acquire);
+  if (st == UNEXPANDED) {
+    if (nd.state.compare_exchange_strong(st, EXPANDING, std::memory_order_acq_rel, std::memory_order_acquire))
+      return Step::Leaf;
+    return Step::Next;  // lost the claim to another thread: look again
+  }
+  if (st == EXPANDING) {
+    collided = true;
+    return Step::End;
+  }
+  if (st != EXPANDED || (nd.flags.load(std::memory_order_acquire) & TERMINAL_FLAG)) {
+    dead = true;  // closed or invalidated by another thread since we chose it
+    return Step::End;
+  }
+  const std::uint32_t first = nd.first_child.load(std::memory_order_acquire);
+  const std::uint32_t nch = nd.n_children;
+  const std::uint64_t pno = nd.NO.load(std::memory_order_relaxed);
+  const std::uint64_t npe = std::uint64_t{detail::n_of(pno)} + detail::o_of(pno);
+  double q_unvisited = 0.0;
+  if constexpr (Puct) q_unvisited = p.fpu_parent ? q_of(nd) - p.fpu_value : p.fpu_value;
+  const Choice ch =
+      scan_children<Puct, VirtualLoss, Finite>(nodes_ + first, nch, npe, q_unvisited, p.c, p.virtual_loss);
+  if (ch.any == NONE) {  // every child is terminal: close this node (official rStar rule)
+    nd.flags.fetch_or(TERMINAL_FLAG, std::memory_order_acq_rel);
     dead = true;
-    return NONE;
+    return Step::End;
   }
-  std::uint32_t cur = start;
-  for (;;) {
-    Node& nd = node(cur);
-    std::uint8_t st = nd.state.load(std::memory_order_acquire);
-    if (st == UNEXPANDED) {
-      if (nd.state.compare_exchange_strong(st, EXPANDING, std::memory_order_acq_rel, std::memory_order_acquire))
-        return cur;
-      continue;  // lost the claim to another thread: look again
-    }
-    if (st == EXPANDING) {
-      collided = true;
-      return NONE;
-    }
-    if (st != EXPANDED || (nd.flags.load(std::memory_order_acquire) & TERMINAL_FLAG)) {
-      dead = true;  // closed or invalidated by another thread since we chose it
-      return NONE;
-    }
-    const std::uint32_t first = nd.first_child.load(std::memory_order_acquire);
-    const std::uint32_t nch = nd.n_children;
-    const std::uint64_t npe =
-        std::uint64_t{nd.N.load(std::memory_order_relaxed)} + nd.O.load(std::memory_order_relaxed);
-    const double parent_q = (p.puct && opt_.fpu_mode == FpuMode::Parent) ? q_of(nd) : 0.0;
-    const double log_npe = (!p.puct && npe > 1) ? std::log(static_cast<double>(npe)) : 0.0;
-    std::uint32_t best_any = NONE, best = NONE;
-    bool best_any_expanding = false;
-    double best_any_s = 0.0, best_s = 0.0;
-    for (std::uint32_t i = first; i < first + nch; ++i) {
-      const Node& ch = node(i);
-      if (ch.flags.load(std::memory_order_relaxed) & TERMINAL_FLAG) continue;
-      const double s = child_score(ch, npe, log_npe, parent_q, p);
-      const bool expanding = ch.state.load(std::memory_order_relaxed) == EXPANDING;
-      if (best_any == NONE || s > best_any_s) {
-        best_any = i;
-        best_any_s = s;
-        best_any_expanding = expanding;
-      }
-      if (!expanding && (best == NONE || s > best_s)) {
-        best = i;
-        best_s = s;
-      }
-    }
-    if (best_any == NONE) {  // every child is terminal: close this node (official rStar rule)
-      nd.flags.fetch_or(TERMINAL_FLAG, std::memory_order_acq_rel);
-      dead = true;
-      return NONE;
-    }
-    if (best_any_expanding) collided = true;
-    if (best == NONE) return NONE;
-    cur = best;
-  }
+  if (ch.any_expanding) collided = true;
+  if (ch.best == NONE) return Step::End;
+  cur = first + ch.best;
+  ++depth;
+  __builtin_prefetch(&cold_[cur]);  // its payload, read when the tickets are assembled
+  Node& next = node(cur);
+  std::uint8_t cst = next.state.load(std::memory_order_acquire);
+  if (cst == UNEXPANDED &&
+      next.state.compare_exchange_strong(cst, EXPANDING, std::memory_order_acq_rel, std::memory_order_acquire))
+    return Step::Leaf;
+  // The next step reads its children block: fetch it now, so that the misses of the descents
+  // in flight overlap.
+  if (cst == EXPANDED) prefetch_children(cur);
+  return Step::Next;
 }
 
+// Descents run kDescentsInFlight at a time, one level per turn, round robin: each step
+// prefetches the block the next step of that descent reads, so the cache misses of different
+// trees overlap instead of adding up. Descents of one item (its k descents) run in order in
+// one slot, and an item whose tree is already in flight waits for it: every descent sees
+// exactly what it would see if the items ran one after another in input order.
 Selection Forest::run_select(std::span<const std::uint32_t> starts, std::span<const std::uint32_t> start_trees,
-                             std::uint32_t k, const SelectParams& p) {
+                             std::uint32_t k, const SelectParams& p, TreeGuard& guard) {
   const std::size_t n = starts.size();
   Selection out;
   if (n == 0 || k == 0) return out;
@@ -670,82 +852,183 @@ Selection Forest::run_select(std::span<const std::uint32_t> starts, std::span<co
       throw CapacityError("too many open tickets");
   }
   struct Leaf {
-    std::uint32_t leaf, start, path_begin, path_len;
+    std::uint32_t item, leaf, path_begin, path_len;
   };
   struct Shard {
-    std::vector<std::uint32_t> items;
-    std::vector<Leaf> leaves;
-    std::vector<std::uint32_t> path;
+    std::vector<std::uint32_t> items;  // with one shard: empty (all items, in order)
+    std::vector<Leaf> leaves;          // in completion order
+    std::vector<std::uint32_t> path;   // root .. leaf of each leaf
     std::uint64_t selects = 0, collisions = 0, dead_ends = 0;
   };
-  std::vector<std::uint32_t> item_begin(n), item_count(n), item_shard(n);
+  std::vector<std::uint32_t> item_count(n, 0);
   const std::size_t n_shards =
       (pool_.size() > 1 && n >= 2 && std::uint64_t{n} * k >= kParallelDescents) ? std::min<std::size_t>(pool_.size(), n)
                                                                                : 1;
   std::vector<Shard> shards(n_shards);
   // Each tree goes to one shard, in input order: results do not depend on the thread count.
-  for (std::size_t i = 0; i < n; ++i) {
-    item_shard[i] = static_cast<std::uint32_t>(n_shards == 1 ? 0 : start_trees[i] % n_shards);
-    shards[item_shard[i]].items.push_back(static_cast<std::uint32_t>(i));
-  }
-  auto work = [&](std::size_t s) {
+  if (n_shards > 1)
+    for (std::size_t i = 0; i < n; ++i)
+      shards[start_trees[i] % n_shards].items.push_back(static_cast<std::uint32_t>(i));
+  // Strictly increasing trees (the usual case) cannot repeat: no item ever waits for another.
+  bool distinct_trees = true;
+  for (std::size_t i = 1; i < n && distinct_trees; ++i) distinct_trees = start_trees[i - 1] < start_trees[i];
+
+  auto work = [&]<bool Puct, bool VirtualLoss, bool Finite>(std::size_t s) {
     Shard& sh = shards[s];
-    sh.leaves.reserve(sh.items.size());
-    for (std::uint32_t i : sh.items) {
-      item_begin[i] = static_cast<std::uint32_t>(sh.leaves.size());
-      const std::uint32_t start = starts[i];
-      for (std::uint32_t j = 0; j < k; ++j) {
-        bool collided, dead;
-        const std::uint32_t leaf = descend(start, p, collided, dead);
-        ++sh.selects;
-        sh.collisions += collided;
-        sh.dead_ends += dead;
-        if (leaf == NONE) {
+    const std::size_t n_items = n_shards == 1 ? n : sh.items.size();
+    auto item_at = [&](std::size_t x) { return n_shards == 1 ? static_cast<std::uint32_t>(x) : sh.items[x]; };
+    sh.leaves.reserve(n_items);
+    sh.path.reserve(n_items * 4);
+    struct Slot {
+      std::uint32_t item, start, tree, j, cur, start_depth, depth;
+      bool collided, active;
+    };
+    std::array<Slot, kDescentsInFlight> slots{};
+    std::size_t next = 0;
+    unsigned active = 0;
+
+    // Starts descent sl.j of the slot's item; false when the item is done (terminal start).
+    auto begin = [&](Slot& sl) {
+      ++sh.selects;
+      if (node(sl.start).flags.load(std::memory_order_acquire) & TERMINAL_FLAG) {
+        // A dead end that every remaining descent of the item would repeat: count, don't walk.
+        const std::uint64_t rest = k - 1 - sl.j;
+        sh.selects += rest;
+        sh.dead_ends += 1 + rest;
+        return false;
+      }
+      sl.cur = sl.start;
+      sl.depth = sl.start_depth;
+      sl.collided = false;
+      prefetch_children(sl.start);
+      __builtin_prefetch(&cold_[sl.start]);
+      return true;
+    };
+    // Gives an idle slot the next item, unless that item's tree is in flight (then it waits).
+    auto fill = [&](Slot& sl) {
+      while (next < n_items) {
+        const std::uint32_t i = item_at(next);
+        const std::uint32_t tree = start_trees[i];
+        if (!distinct_trees)
+          for (const Slot& o : slots)
+            if (o.active && o.tree == tree) return;
+        ++next;
+        if (next + kDescentsInFlight < n_items) __builtin_prefetch(&nodes_[starts[item_at(next + kDescentsInFlight)]]);
+        const std::uint32_t start = starts[i];
+        const std::uint32_t start_depth = node(start).parent.load(std::memory_order_relaxed) & ROOT_BIT
+                                              ? 0u
+                                              : static_cast<std::uint32_t>(depth_of(start));
+        sl = Slot{i, start, tree, 0, start, start_depth, start_depth, false, true};
+        if (begin(sl)) {
+          ++active;
+          return;
+        }
+        sl.active = false;
+      }
+    };
+    // Claimed leaf: pending visits from the start down (after the claim), and the path, written
+    // root first (the leaf is at depth sl.depth).
+    auto record = [&](const Slot& sl) {
+      const std::uint32_t leaf = sl.cur;
+      const auto at = static_cast<std::uint32_t>(sh.path.size());
+      const std::uint32_t len = sl.depth + 1;
+      sh.path.resize(at + len);
+      std::uint32_t* path = sh.path.data() + at;
+      bool pending = true;
+      std::uint32_t v = leaf;
+      for (std::uint32_t d = len; d-- > 0;) {
+        path[d] = v;
+        if (pending) {
+          node(v).NO.fetch_add(detail::NO_O, std::memory_order_relaxed);
+          pending = v != sl.start;
+        }
+        v = node(v).parent.load(std::memory_order_relaxed);  // the last one is ROOT_BIT | tree
+      }
+      sh.leaves.push_back(Leaf{sl.item, leaf, at, len});
+      ++item_count[sl.item];
+    };
+
+    for (Slot& sl : slots) fill(sl);
+    while (active > 0) {
+      for (Slot& sl : slots) {
+        if (!sl.active) {
+          fill(sl);
+          continue;
+        }
+        bool dead = false;
+        const Step r = descend_step<Puct, VirtualLoss, Finite>(sl.cur, sl.depth, p, sl.collided, dead);
+        if (r == Step::Next) continue;
+        sh.collisions += sl.collided;
+        bool more;
+        if (r == Step::Leaf) {
+          record(sl);
+          more = ++sl.j < k;
+        } else {
+          sh.dead_ends += dead;
           // A failed descent changes nothing unless it closed a node below the start, so when
           // it collided, or the start itself is terminal, the remaining descents of this item
           // would repeat it exactly: count them without walking.
-          const std::uint64_t rest = k - 1 - j;
+          const std::uint64_t rest = k - 1 - sl.j;
           if (!dead) {
             sh.selects += rest;
             sh.collisions += rest;
-            break;
-          }
-          if (node(start).flags.load(std::memory_order_acquire) & TERMINAL_FLAG) {
+            more = false;
+          } else if (node(sl.start).flags.load(std::memory_order_acquire) & TERMINAL_FLAG) {
             sh.selects += rest;
             sh.dead_ends += rest;
-            break;
+            more = false;
+          } else {
+            more = ++sl.j < k;
           }
-          continue;
         }
-        for (std::uint32_t v = leaf;; v = node(v).parent.load(std::memory_order_relaxed)) {
-          node(v).O.fetch_add(1, std::memory_order_relaxed);
-          if (v == start) break;
-        }
-        const auto begin = static_cast<std::uint32_t>(sh.path.size());
-        for (std::uint32_t v = leaf;;) {
-          sh.path.push_back(v);
-          const std::uint32_t par = node(v).parent.load(std::memory_order_relaxed);
-          if (par & ROOT_BIT) break;
-          v = par;
-        }
-        std::reverse(sh.path.begin() + begin, sh.path.end());
-        sh.leaves.push_back(Leaf{leaf, start, begin, static_cast<std::uint32_t>(sh.path.size() - begin)});
+        if (more && begin(sl)) continue;
+        sl.active = false;
+        --active;
+        fill(sl);
       }
-      item_count[i] = static_cast<std::uint32_t>(sh.leaves.size() - item_begin[i]);
+    }
+  };
+  auto run = [&](std::size_t s) {  // one instance per rule, virtual loss on / off, finite scores or not
+    const bool vl = p.virtual_loss > 0.0;
+    if (p.finite) {
+      if (p.puct)
+        vl ? work.template operator()<true, true, true>(s) : work.template operator()<true, false, true>(s);
+      else
+        vl ? work.template operator()<false, true, true>(s) : work.template operator()<false, false, true>(s);
+    } else {
+      if (p.puct)
+        vl ? work.template operator()<true, true, false>(s) : work.template operator()<true, false, false>(s);
+      else
+        vl ? work.template operator()<false, true, false>(s) : work.template operator()<false, false, false>(s);
     }
   };
   if (n_shards == 1)
-    work(0);
+    run(0);
   else
-    pool_.parallel_for(n_shards, work);
+    pool_.parallel_for(n_shards, run);
 
-  // Assemble in input order and open the tickets (serially: ticket ids are deterministic).
+  // Assemble in input order (items in order, each item's leaves in descent order) and open
+  // the tickets (serially: ticket ids are deterministic).
   std::size_t L = 0, P = 0;
   for (const auto& sh : shards) {
     L += sh.leaves.size();
     P += sh.path.size();
     out.collisions += sh.collisions;
     out.dead_ends += sh.dead_ends;
+  }
+  std::vector<std::uint32_t> fill_at(n);
+  for (std::size_t i = 0, acc = 0; i < n; ++i) {
+    fill_at[i] = static_cast<std::uint32_t>(acc);
+    acc += item_count[i];
+  }
+  std::vector<const Leaf*> order(L);
+  for (const auto& sh : shards)
+    for (const Leaf& lf : sh.leaves) order[fill_at[lf.item]++] = &lf;
+  std::vector<const Shard*> shard_of_item;
+  if (n_shards > 1) {
+    shard_of_item.resize(n);
+    for (const auto& sh : shards)
+      for (auto i : sh.items) shard_of_item[i] = &sh;
   }
   out.tickets.resize(L);
   out.trees.resize(L);
@@ -754,26 +1037,25 @@ Selection Forest::run_select(std::span<const std::uint32_t> starts, std::span<co
   out.path_offsets.resize(L + 1);
   out.path_nodes.resize(P);
   out.path_payloads.resize(P);
-  std::size_t li = 0, pi = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    if (item_count[i] == 0) continue;
-    const Shard& sh = shards[item_shard[i]];
-    const std::uint32_t tree = start_trees[i];
-    for (std::uint32_t j = item_begin[i]; j < item_begin[i] + item_count[i]; ++j, ++li) {
-      const Leaf& lf = sh.leaves[j];
-      out.tickets[li] = new_ticket(tree, lf.start, lf.leaf);
-      out.trees[li] = tree;
-      out.nodes[li] = lf.leaf;
-      out.depths[li] = static_cast<std::int32_t>(lf.path_len) - 1;
-      for (std::uint32_t q = 0; q < lf.path_len; ++q, ++pi) {
-        const std::uint32_t v = sh.path[lf.path_begin + q];
-        out.path_nodes[pi] = v;
-        out.path_payloads[pi] = cold(v).payload;
-      }
-      out.path_offsets[li + 1] = static_cast<std::int64_t>(pi);
+  take_ticket_slots(L, out.tickets.data());
+  std::size_t pi = 0;
+  for (std::size_t li = 0; li < L; ++li) {
+    const Leaf& lf = *order[li];
+    const Shard& sh = n_shards == 1 ? shards[0] : *shard_of_item[lf.item];
+    const std::uint32_t tree = start_trees[lf.item];
+    open_ticket(out.tickets[li], tree, starts[lf.item], lf.leaf);
+    out.trees[li] = tree;
+    out.nodes[li] = lf.leaf;
+    out.depths[li] = static_cast<std::int32_t>(lf.path_len) - 1;
+    const std::uint32_t* path = sh.path.data() + lf.path_begin;
+    for (std::uint32_t q = 0; q < lf.path_len; ++q, ++pi) {  // payloads were prefetched by the descent
+      out.path_nodes[pi] = path[q];
+      out.path_payloads[pi] = cold(path[q]).payload;
     }
-    trees_.at(tree).open_tickets.fetch_add(item_count[i], std::memory_order_seq_cst);
+    out.path_offsets[li + 1] = static_cast<std::int64_t>(pi);
   }
+  // Each item entered its tree once (in input order): leave it, adding the item's tickets.
+  for (std::size_t i = 0; i < n; ++i) guard.leave_opening(i, item_count[i]);
   tickets_open_.fetch_add(static_cast<std::int64_t>(L), std::memory_order_relaxed);
   std::uint64_t selects = 0;
   for (const auto& sh : shards) selects += sh.selects;
@@ -795,7 +1077,7 @@ Selection Forest::select(std::span<const std::int64_t> tree_ids, std::int64_t k,
     starts[i] = trees_.at(trees[i]).root.load(std::memory_order_relaxed);
   }
   const auto kk = static_cast<std::uint32_t>(std::min<std::int64_t>(k, 0xFFFFFFFF));
-  return run_select(starts, trees, kk, p);
+  return run_select(starts, trees, kk, p, guard);
 }
 
 Selection Forest::select_from(std::span<const std::int64_t> nodes, std::int64_t k, std::optional<Rule> rule,
@@ -809,7 +1091,7 @@ Selection Forest::select_from(std::span<const std::int64_t> nodes, std::int64_t 
     trees[i] = tree_of(starts[i]);
   }
   const auto kk = static_cast<std::uint32_t>(std::min<std::int64_t>(k, 0xFFFFFFFF));
-  return run_select(starts, trees, kk, p);
+  return run_select(starts, trees, kk, p, guard);
 }
 
 // ---- expansion and values ----------------------------------------------------------------------
@@ -828,10 +1110,13 @@ std::vector<std::uint32_t> Forest::expand(const ExpandArgs& a) {
   if (a.priors) {
     check_length(a.priors->size(), total, "priors");
     priors32.resize(total);
-    for (std::size_t i = 0; i < total; ++i) {
-      priors32[i] = static_cast<float>((*a.priors)[i]);
-      if (!std::isfinite(priors32[i]) || priors32[i] < 0.0f) throw InvalidArgument("priors must be finite and >= 0");
-    }
+    const double* src = a.priors->data();
+    float* dst = priors32.data();
+    constexpr float kMax = std::numeric_limits<float>::max();
+    int ok = 1;  // two plain loops without branches: both vectorise
+    for (std::size_t i = 0; i < total; ++i) dst[i] = static_cast<float>(src[i]);
+    for (std::size_t i = 0; i < total; ++i) ok &= static_cast<int>(dst[i] >= 0.0f) & static_cast<int>(dst[i] <= kMax);
+    if (!ok) throw InvalidArgument("priors must be finite and >= 0");  // NaN, inf or negative
   }
   if (a.payloads) check_length(a.payloads->size(), total, "payloads");
   if (a.terminal) check_length(a.terminal->size(), total, "terminal");
@@ -867,7 +1152,8 @@ std::vector<std::uint32_t> Forest::expand(const ExpandArgs& a) {
     unclaim_tickets(a.tickets, pre, n);
     throw;
   }
-  for (std::size_t j = 0; j < n; ++j) {
+  const bool from_top = alloc_top_run(sizes, firsts.data());  // the common case: one CAS
+  for (std::size_t j = 0; j < n && !from_top; ++j) {
     if (sizes[j] == 0) continue;
     firsts[j] = alloc_block(sizes[j]);
     if (firsts[j] == NONE) {  // another thread took the space since plan_blocks
@@ -889,15 +1175,30 @@ std::vector<std::uint32_t> Forest::expand(const ExpandArgs& a) {
         leaf.state.store(INVALID, std::memory_order_release);
         continue;
       }
-      const float uniform = static_cast<float>(1.0 / static_cast<double>(m));
-      for (std::uint32_t c = 0; c < m; ++c) {
-        const std::size_t src = offsets[j] + c;
-        const std::uint32_t ch = firsts[j] + c;
-        init_node(ch, rec.leaf, a.priors ? priors32[src] : uniform, a.payloads ? (*a.payloads)[src] : 0);
-        cold(ch).reward = a.rewards ? (*a.rewards)[src] : 0.0;
-        if (a.terminal && (*a.terminal)[src]) {
-          node(ch).flags.store(TERMINAL_FLAG, std::memory_order_relaxed);
-          node(ch).state.store(TERMINAL, std::memory_order_relaxed);
+      const std::size_t o = offsets[j];
+      const float uniform = a.priors ? 0.0f : static_cast<float>(1.0 / static_cast<double>(m));
+      const std::uint32_t first = firsts[j];
+      if (from_top && !a.payloads && !a.rewards && !a.terminal) {  // the common case, tight
+        const float* pr = a.priors ? priors32.data() + o : nullptr;
+        for (std::uint32_t c = 0; c < m; ++c) construct_node(first + c, rec.leaf, pr ? pr[c] : uniform, 0, 0.0, false);
+      } else {
+        for (std::uint32_t c = 0; c < m; ++c) {
+          const std::size_t src = o + c;
+          const std::uint32_t ch = first + c;
+          const float prior = a.priors ? priors32[src] : uniform;
+          const std::uint64_t payload = a.payloads ? (*a.payloads)[src] : 0;
+          const double reward = a.rewards ? (*a.rewards)[src] : 0.0;
+          const bool terminal = a.terminal && (*a.terminal)[src];
+          if (from_top) {
+            construct_node(ch, rec.leaf, prior, payload, reward, terminal);
+            continue;
+          }
+          init_node(ch, rec.leaf, prior, payload);  // a reused slot: atomic stores (stale readers)
+          cold(ch).reward = reward;
+          if (terminal) {
+            node(ch).flags.store(TERMINAL_FLAG, std::memory_order_relaxed);
+            node(ch).state.store(TERMINAL, std::memory_order_relaxed);
+          }
         }
       }
       leaf.first_child.store(firsts[j], std::memory_order_release);
@@ -932,7 +1233,7 @@ void Forest::set_values(std::span<const std::int64_t> nodes, std::span<const dou
   for (std::size_t j = 0; j < nodes.size(); ++j) {
     const auto i = static_cast<std::uint32_t>(nodes[j]);
     cold(i).init_value.store(values[j], std::memory_order_relaxed);
-    node(i).N.fetch_add(1, std::memory_order_relaxed);
+    node(i).NO.fetch_add(detail::NO_N, std::memory_order_relaxed);
     node(i).W.fetch_add(to_fixed(values[j]), std::memory_order_relaxed);
   }
 }
@@ -945,15 +1246,13 @@ void Forest::backup(std::span<const std::uint64_t> tickets, std::span<const doub
   claim_tickets(tickets, owner);
   for_chunks(tickets.size(), kParallelItems, [&](std::size_t lo, std::size_t hi) {
     for (std::size_t j = lo; j < hi; ++j) {
+      prefetch_path(tickets, j, hi);
       const TicketRec& rec = tickets_.at(static_cast<std::uint32_t>(tickets[j]));
-      remove_pending(rec.leaf, rec.start);
-      std::uint8_t expanding = EXPANDING;  // never expanded: give the claim back
-      node(rec.leaf).state.compare_exchange_strong(expanding, UNEXPANDED, std::memory_order_release,
-                                                    std::memory_order_relaxed);
-      add_to_root(rec.leaf, to_fixed(values[j]));
+      backup_path(rec.leaf, rec.start, to_fixed(values[j]));
+      give_back_claim(rec.leaf);
     }
   });
-  for (auto tk : tickets) resolve_ticket(tk);
+  resolve_tickets(tickets);
   tickets_open_.fetch_sub(static_cast<std::int64_t>(tickets.size()), std::memory_order_relaxed);
   counters_.backups.fetch_add(tickets.size(), std::memory_order_relaxed);
 }
@@ -964,14 +1263,13 @@ void Forest::cancel(std::span<const std::uint64_t> tickets) {
   claim_tickets(tickets, owner);
   for_chunks(tickets.size(), kParallelItems, [&](std::size_t lo, std::size_t hi) {
     for (std::size_t j = lo; j < hi; ++j) {
+      prefetch_path(tickets, j, hi);
       const TicketRec& rec = tickets_.at(static_cast<std::uint32_t>(tickets[j]));
       remove_pending(rec.leaf, rec.start);
-      std::uint8_t expanding = EXPANDING;
-      node(rec.leaf).state.compare_exchange_strong(expanding, UNEXPANDED, std::memory_order_release,
-                                                    std::memory_order_relaxed);
+      give_back_claim(rec.leaf);
     }
   });
-  for (auto tk : tickets) resolve_ticket(tk);
+  resolve_tickets(tickets);
   tickets_open_.fetch_sub(static_cast<std::int64_t>(tickets.size()), std::memory_order_relaxed);
   counters_.cancels.fetch_add(tickets.size(), std::memory_order_relaxed);
 }
@@ -1018,7 +1316,7 @@ void Forest::mark_invalid(std::span<const std::int64_t> nodes, double value) {
   for (auto id : nodes) {
     Node& nd = node(static_cast<std::uint32_t>(id));
     nd.flags.fetch_or(TERMINAL_FLAG, std::memory_order_release);
-    nd.N.fetch_add(1, std::memory_order_relaxed);
+    nd.NO.fetch_add(detail::NO_N, std::memory_order_relaxed);
     nd.W.fetch_add(fx, std::memory_order_relaxed);
   }
 }
@@ -1044,8 +1342,8 @@ NodeStats Forest::node_stats(std::span<const std::int64_t> ids) {
     const auto i = static_cast<std::uint32_t>(ids[j]);
     const Node& nd = node(i);
     const std::uint32_t nch = published_children(nd);
-    s.visits[j] = nd.N.load(std::memory_order_relaxed);
-    s.pending[j] = nd.O.load(std::memory_order_relaxed);
+    s.visits[j] = detail::n_of(nd.NO.load(std::memory_order_relaxed));
+    s.pending[j] = detail::o_of(nd.NO.load(std::memory_order_relaxed));
     s.value_sum[j] = static_cast<double>(nd.W.load(std::memory_order_relaxed)) / VALUE_SCALE;
     s.q[j] = q_of(nd);
     s.init_value[j] = cold(i).init_value.load(std::memory_order_relaxed);
@@ -1088,11 +1386,11 @@ TreeStats Forest::tree_stats(std::span<const std::int64_t> tree_ids) {
     const std::uint32_t r = t.root.load(std::memory_order_relaxed);
     const Node& nd = node(r);
     s.root[j] = r;
-    s.visits[j] = nd.N.load(std::memory_order_relaxed);
+    s.visits[j] = detail::n_of(nd.NO.load(std::memory_order_relaxed));
     s.q[j] = q_of(nd);
-    s.pending[j] = nd.O.load(std::memory_order_relaxed);
+    s.pending[j] = detail::o_of(nd.NO.load(std::memory_order_relaxed));
     s.n_nodes[j] = t.n_nodes.load(std::memory_order_relaxed);
-    s.open_tickets[j] = t.open_tickets.load(std::memory_order_relaxed);
+    s.open_tickets[j] = detail::open_of(t.pins.load(std::memory_order_relaxed));
     s.terminal[j] = (nd.flags.load(std::memory_order_relaxed) & TERMINAL_FLAG) ? 1 : 0;
   }
   return s;
@@ -1110,8 +1408,8 @@ RootChildStats Forest::root_child_stats(std::span<const std::int64_t> tree_ids) 
     for (std::uint32_t i = first; i < first + nch; ++i) {
       const Node& nd = node(i);
       s.node.push_back(i);
-      s.visits.push_back(nd.N.load(std::memory_order_relaxed));
-      s.pending.push_back(nd.O.load(std::memory_order_relaxed));
+      s.visits.push_back(detail::n_of(nd.NO.load(std::memory_order_relaxed)));
+      s.pending.push_back(detail::o_of(nd.NO.load(std::memory_order_relaxed)));
       s.q.push_back(q_of(nd));
       s.prior.push_back(nd.prior);
       s.init_value.push_back(cold(i).init_value.load(std::memory_order_relaxed));
@@ -1148,8 +1446,8 @@ TreeExport Forest::export_tree(std::int64_t tree_id) {
   for (std::size_t j = 0; j < n; ++j) {
     const std::uint32_t i = e.node[j];
     const Node& nd = node(i);
-    e.visits[j] = nd.N.load(std::memory_order_relaxed);
-    e.pending[j] = nd.O.load(std::memory_order_relaxed);
+    e.visits[j] = detail::n_of(nd.NO.load(std::memory_order_relaxed));
+    e.pending[j] = detail::o_of(nd.NO.load(std::memory_order_relaxed));
     e.value_sum[j] = static_cast<double>(nd.W.load(std::memory_order_relaxed)) / VALUE_SCALE;
     e.q[j] = q_of(nd);
     e.init_value[j] = cold(i).init_value.load(std::memory_order_relaxed);

@@ -22,6 +22,11 @@
 
 #include "thread_pool.hpp"
 
+// Hidden symbols: the engine is linked statically into the module and the tests, so nothing
+// interposes its functions. Without this, -fPIC code calls small members (q_of, add_to_root)
+// through the PLT and GCC cannot inline them (CMakeLists.txt builds it as a plain static lib).
+#pragma GCC visibility push(hidden)
+
 namespace rstar {
 
 inline constexpr std::uint32_t NONE = 0xFFFFFFFFu;
@@ -149,8 +154,8 @@ namespace detail {
 //
 //  offset size field        notes
 //       0    8 W            value sum, fixed point 2^32 (atomic add)
-//       8    4 N            completed visits
-//      12    4 O            pending visits (tickets in flight through this node)
+//       8    4 N            completed visits     } one atomic 64-bit word NO, so a backup
+//      12    4 O            pending visits       } adds N+1 and O-1 in a single RMW
 //      16    4 first_child  first id of the children block (NONE); free list: next block
 //      20    4 parent       parent id; a root stores ROOT_BIT | tree id
 //      24    4 prior        float32 prior P
@@ -162,8 +167,7 @@ namespace detail {
 // reads it, so it never shares cache lines with the statistics.
 struct Node {
   std::atomic<std::int64_t> W;
-  std::atomic<std::uint32_t> N;
-  std::atomic<std::uint32_t> O;
+  std::atomic<std::uint64_t> NO;  // N in the low half, O in the high half (see NO_* below)
   std::atomic<std::uint32_t> first_child;
   std::atomic<std::uint32_t> parent;
   float prior;
@@ -172,6 +176,15 @@ struct Node {
   std::atomic<std::uint8_t> flags;
 };
 static_assert(sizeof(Node) == 32, "hot node record must stay 32 bytes");
+static_assert(offsetof(Node, NO) == 8 && offsetof(Node, first_child) == 16 && offsetof(Node, state) == 30);
+
+// Adds to NO. N and O never leave [0, 2^32): O is the number of open tickets through the node
+// and N would need 2^32 visits of one node, so no carry crosses the halves.
+inline constexpr std::uint64_t NO_N = 1;                       // N += 1
+inline constexpr std::uint64_t NO_O = std::uint64_t{1} << 32;  // O += 1
+inline constexpr std::uint64_t NO_N_MINUS_O = NO_N - NO_O;     // N += 1, O -= 1 (mod 2^64)
+inline std::uint32_t n_of(std::uint64_t no) { return static_cast<std::uint32_t>(no); }
+inline std::uint32_t o_of(std::uint64_t no) { return static_cast<std::uint32_t>(no >> 32); }
 static_assert(alignof(Node) == 8);
 static_assert(std::atomic<std::int64_t>::is_always_lock_free);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
@@ -191,12 +204,18 @@ inline constexpr std::uint32_t ROOT_BIT = 0x80000000u;
 
 enum TreeStatus : std::uint8_t { TREE_UNUSED = 0, TREE_LIVE = 1, TREE_RELEASING = 2, TREE_RELEASED = 3 };
 
+// What pins a tree (release_trees refuses a tree with either): open tickets in the low half,
+// calls currently inside the tree ("users") in the high half of one word, so a select leaves
+// the tree and adds its new tickets in one RMW, and a release reads both in one load.
+inline constexpr std::uint64_t PIN_USER = std::uint64_t{1} << 32;
+inline std::uint32_t open_of(std::uint64_t pins) { return static_cast<std::uint32_t>(pins); }
+inline std::uint32_t users_of(std::uint64_t pins) { return static_cast<std::uint32_t>(pins >> 32); }
+
 struct TreeRec {
   std::atomic<std::uint32_t> root{NONE};
   std::atomic<std::uint8_t> status{TREE_UNUSED};
-  std::atomic<std::int32_t> users{0};  // calls currently inside the tree
   std::atomic<std::int64_t> n_nodes{0};
-  std::atomic<std::int64_t> open_tickets{0};
+  std::atomic<std::uint64_t> pins{0};  // open tickets | users << 32
 };
 
 enum TicketStatus : std::uint32_t { TK_FREE = 0, TK_OPEN = 1, TK_EXPANDED = 2, TK_BUSY = 3 };
@@ -231,7 +250,9 @@ class ChunkTable {
     T* c = chunks_[i >> ChunkBits].load(std::memory_order_acquire);
     return c ? c + (i & (kChunk - 1)) : nullptr;
   }
-  T& at(std::uint64_t i) const { return *find(i); }
+  // A slot known to exist (no range or null check: GCC 12 -O3 would also warn about the
+  // null branch it cannot rule out).
+  T& at(std::uint64_t i) const { return chunks_[i >> ChunkBits].load(std::memory_order_acquire)[i & (kChunk - 1)]; }
   // Makes sure slot i exists (i < kCapacity).
   T& ensure(std::uint64_t i) {
     auto& slot = chunks_[i >> ChunkBits];
@@ -298,10 +319,15 @@ class Forest {
   using TreeRec = detail::TreeRec;
   using TicketRec = detail::TicketRec;
 
-  struct SelectParams {
+  struct SelectParams {  // per call: the options a descent reads, hoisted out of opt_
     bool puct;
+    bool fpu_parent;  // puct with fpu_mode "parent"
     double c;
+    double fpu_value;
+    double virtual_loss;
+    bool finite;  // c and virtual_loss small enough that no score can be NaN (see select_params)
   };
+  enum class Step : std::uint8_t { Next, Leaf, End };
   class TreeGuard;  // RAII: calls inside trees (blocks release)
 
   // arena
@@ -312,6 +338,8 @@ class Forest {
   void push_block(std::uint32_t start, std::uint32_t n);
   std::uint32_t pop_block(std::uint32_t n);
   void init_node(std::uint32_t i, std::uint32_t parent, float prior, std::uint64_t payload);
+  void construct_node(std::uint32_t i, std::uint32_t parent, float prior, std::uint64_t payload, double reward,
+                      bool terminal);
 
   // trees and nodes
   TreeRec* find_tree(std::int64_t id) const;
@@ -322,26 +350,38 @@ class Forest {
   void check_trees(std::span<const std::int64_t> ids, TreeGuard& guard);
 
   // tickets
-  std::uint64_t new_ticket(std::uint32_t tree, std::uint32_t start, std::uint32_t leaf);
+  // Takes n ticket slots in the order n single pops would (freed slots LIFO, then new ones)
+  // with one CAS; writes the ticket id (generation << 32 | slot) of each. Slots stay FREE
+  // until open_ticket.
+  void take_ticket_slots(std::size_t n, std::uint64_t* ids);
+  void open_ticket(std::uint64_t id, std::uint32_t tree, std::uint32_t start, std::uint32_t leaf);
   TicketRec* ticket_slot(std::uint64_t ticket) const;
   // Claims every ticket for this call (TK_BUSY); throws (and unclaims) on bad ids. Returns the
   // pre-claim status of each.
   std::vector<std::uint32_t> claim_tickets(std::span<const std::uint64_t> tickets, std::uint32_t& owner);
   void unclaim_tickets(std::span<const std::uint64_t> tickets, std::span<const std::uint32_t> status,
                        std::size_t n);
-  void resolve_ticket(std::uint64_t ticket);  // frees the slot (caller already did the node work)
+  // Frees the slots of claimed tickets as n single pushes would (one CAS), then lowers the
+  // open counts of their trees (the caller already did the node work).
+  void resolve_tickets(std::span<const std::uint64_t> tickets);
 
   // selection
   SelectParams select_params(std::int64_t k, std::optional<Rule> rule, std::optional<double> c) const;
+  // guard: the caller entered the tree of each start, in order (one entry per start)
   Selection run_select(std::span<const std::uint32_t> starts, std::span<const std::uint32_t> start_trees,
-                       std::uint32_t k, const SelectParams& p);
-  std::uint32_t descend(std::uint32_t start, const SelectParams& p, bool& collided, bool& dead) const;
-  double child_score(const Node& ch, std::uint64_t npe, double log_npe, double parent_q,
-                     const SelectParams& p) const;
+                       std::uint32_t k, const SelectParams& p, TreeGuard& guard);
+  template <bool Puct, bool VirtualLoss, bool Finite>
+  Step descend_step(std::uint32_t& cur, std::uint32_t& depth, const SelectParams& p, bool& collided, bool& dead) const;
+  void prefetch_children(std::uint32_t i) const;  // the children block of an EXPANDED node
 
   // statistics
   void add_to_root(std::uint32_t i, std::int64_t fx);
+  // backup of one ticket: N+1, W+fx from leaf to root and O-1 from leaf to start, one walk
+  void backup_path(std::uint32_t leaf, std::uint32_t start, std::int64_t fx);
   void remove_pending(std::uint32_t leaf, std::uint32_t start);
+  void prefetch_path(std::span<const std::uint64_t> tickets, std::size_t j, std::size_t end) const;
+  void give_back_claim(std::uint32_t leaf);
+  bool alloc_top_run(std::span<const std::uint32_t> sizes, std::uint32_t* firsts);
   double q_of(const Node& n) const;
 
   template <class F>
@@ -375,3 +415,5 @@ class Forest {
 };
 
 }  // namespace rstar
+
+#pragma GCC visibility pop

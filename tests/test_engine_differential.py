@@ -441,3 +441,58 @@ def test_differential_big_search() -> None:
             p.call("cancel", sel.tickets[half:])
         p.compare_state()
         assert p.ref.memory_stats()["nodes_in_use"] > 500
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("rule,vl", [("rstar", 0.0), ("puct", 0.0), ("puct", 0.5), ("rstar", 1.0)])
+def test_differential_interleaved_descents(rule: str, vl: float, num_threads: int) -> None:
+    """The C++ select runs several descents at once (different trees interleaved, one tree
+    at a time) and, with threads, splits trees over shards. Many trees, duplicate and shuffled
+    tree ids, several start nodes in one tree (select_from), K > 1 and batches big enough to
+    be sharded must still give exactly the decisions of the one-after-another reference."""
+    rng = np.random.default_rng(7 + num_threads)
+    kw = dict(rule=rule, c=2.0 if rule == "rstar" else 1.25, virtual_loss=vl, fpu_mode="parent",
+              fpu_value=0.1)
+    p = Pair(ReferenceForest(400_000, num_threads=1, **kw), core.Forest(400_000, num_threads=num_threads, **kw))
+    trees = p.call("add_trees", np.arange(300, dtype=np.uint64))
+    for rnd in range(24):
+        order = rng.permutation(trees)
+        ids = np.concatenate([order, rng.choice(trees, 40)]) if rnd % 3 else order  # duplicates
+        k = int(rng.integers(1, 4))
+        if rnd % 4 == 3 and p.nodes:
+            # several starts per tree (and repeats), in random order
+            starts = rng.choice(np.array(p.nodes, dtype=np.uint32), min(200, len(p.nodes)))
+            sel = p.call("select_from", starts, k)
+        else:
+            sel = p.call("select", ids, k)
+        if sel is None or len(sel) == 0:
+            continue
+        n = rng.integers(0, 5, len(sel))
+        tot = int(n.sum())
+        firsts = p.call("expand", sel.tickets, n, priors=rng.random(tot) * 2,
+                        terminal=rng.random(tot) < 0.1, payloads=rng.integers(0, 2**40, tot))
+        for f0, m in zip(firsts.tolist(), n.tolist()):
+            p.nodes.extend(range(f0, f0 + m))
+        keep = rng.random(len(sel)) < 0.2  # some tickets stay open: pending visits in flight
+        back = ~keep & (rng.random(len(sel)) < 0.8)
+        p.call("backup", sel.tickets[back], rng.uniform(-1, 1, int(back.sum())))
+        p.call("cancel", sel.tickets[~keep & ~back])
+        if rnd % 5 == 4:
+            p.call("cancel", sel.tickets[keep])
+    p.compare_state()
+
+
+def test_differential_nan_scores() -> None:
+    """Absurd options can make PUCT scores NaN (c * P overflows to inf, times sqrt(0)): the
+    engine then follows the reference's "first child, or a strictly greater score" rule."""
+    kw = dict(rule="puct", c=1e300)
+    p = Pair(ReferenceForest(1000, num_threads=1, **kw), core.Forest(1000, num_threads=1, **kw))
+    trees = p.call("add_trees", np.arange(3, dtype=np.uint64))
+    sel = p.call("select", trees)
+    p.call("expand", sel.tickets, np.full(3, 4), priors=np.tile([1e38, 3e38, 2e38, 3e38], 3))
+    p.call("cancel", sel.tickets)  # roots: N + O == 0, so every child's score is inf * 0 = NaN
+    for _ in range(3):
+        sel = p.call("select", trees, 2)
+        p.call("backup", sel.tickets[::2], np.ones(len(sel.tickets[::2])))
+        p.call("cancel", sel.tickets[1::2])
+    p.compare_state()
