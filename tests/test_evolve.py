@@ -195,26 +195,31 @@ def test_cli_lists_evolve_and_eval() -> None:
 
 
 # --------------------------------------------------------------------------- the shortened nano run
-def _evolve(out: Path, *extra: str, **kw) -> subprocess.Popen:
+def _evolve(out: Path, log: Path, **kw) -> subprocess.Popen:
+    """``rstar evolve --config nano-ci`` in a subprocess, its output going to ``log`` (a file,
+    not a pipe: a pipe nobody reads would block the run once full)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "rstar.cli", "evolve", "--config", "nano-ci", "--no-progress",
-                             f"output_dir={out}", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "rstar.cli", "evolve", "--config", "nano-ci",
+                                 "--no-progress", f"output_dir={out}"], cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, text=True, **kw)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~15 min on an idle 2-core machine; the suite default is 600 s
 def test_nano_ci_run_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     """Two rounds of the real pipeline; killed in round 1's search, restarted, completed; a
     third start skips every stage."""
     out = tmp_path / "run"
     trees = out / "round1" / "trees.jsonl"
-    proc = _evolve(out, start_new_session=True)
-    deadline = time.time() + 900
+    log = tmp_path / "evolve.log"
+    proc = _evolve(out, log, start_new_session=True)
+    deadline = time.time() + 2400
     while time.time() < deadline and proc.poll() is None:
         if trees.exists() and trees.read_text().count("\n") >= 3:
             break
         time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    assert proc.poll() is None, log.read_text()[-4000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = 0
@@ -226,10 +231,11 @@ def test_nano_ci_run_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
             break
     assert read_record(out / "round1", "search") is None
 
-    proc = _evolve(out)
-    log, _ = proc.communicate(timeout=1800)
-    assert proc.returncode == 0, log[-4000:]
-    assert f"resuming: {done_before} of 24 problems already done" in log
+    proc = _evolve(out, log)
+    proc.wait(timeout=2400)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert f"resuming: {done_before} of 24 problems already done" in text
     ids = [json.loads(ln)["id"] for ln in trees.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 24  # each problem exactly once
     for k in (1, 2):
@@ -247,9 +253,10 @@ def test_nano_ci_run_end_to_end_with_kill_and_resume(tmp_path: Path) -> None:
     assert "| 2 |" in (out / "report.md").read_text()
 
     t0 = time.time()
-    proc = _evolve(out)
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and log.count("skipped") >= 12, log[-3000:]
+    proc = _evolve(out, log)
+    proc.wait(timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0 and text.count("skipped") >= 12, text[-3000:]
     assert time.time() - t0 < 120
 
 
