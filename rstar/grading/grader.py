@@ -3,9 +3,11 @@
 Order of a check (each step either decides or passes on):
 1. memo cache (bounded LRU keyed by the cleaned strings);
 2. normalised string equality -> equal;
-3. multiple-choice letters, plain numbers / fractions / percentages, plain words -> decided here;
-4. math-verify (``verify(parse(gold), parse(pred))``) in a worker process with a hard deadline;
-   a timeout, crash or parse failure counts as *not equal*.
+3. multiple-choice letters, plain numbers / fractions / percentages, plain words -> decided here,
+   the way math-verify would decide them (checked by ``tests/test_grading_differential.py``);
+4. math-verify (``verify(parse(gold), parse(pred))``, sped up by :mod:`rstar.grading.symbolic`
+   without changing its verdicts) in a worker process with a hard deadline; a timeout, crash or
+   parse failure counts as *not equal*.
 """
 
 from __future__ import annotations
@@ -73,10 +75,42 @@ def _words(clean: str) -> str | None:
     return t.lower() if _WORDS_RE.match(t) else None
 
 
+_ASSIGN_RE = re.compile(r"^([A-Za-z])(?:_\{?(\w+)\}?)?=(?![=<>])")
+_SPACE_RE = re.compile(r"\s+|\\[,;:! ]|\\q?quad")
+
+
+def _assigned_var(clean: str) -> str | None:
+    """``x`` for ``x = 3``, ``y_2`` for ``y_{2}=x``; None when the answer is not an assignment."""
+    m = _ASSIGN_RE.match(_SPACE_RE.sub("", clean))
+    if m is None:
+        return None
+    return m.group(1) + ("_" + m.group(2) if m.group(2) else "")
+
+
+_LATEX_CMD_RE = re.compile(r"\\[A-Za-z]+")
+_LETTER_RUN_RE = re.compile(r"[A-Za-z]{2,}")
+
+
+def _mathy(clean: str) -> bool:
+    """Formula-like text: no prose (a run of 2+ letters outside LaTeX commands), no display math."""
+    if "\n" in clean or "\\[" in clean or "\\(" in clean:
+        return False
+    return _LETTER_RUN_RE.search(_LATEX_CMD_RE.sub(" ", clean)) is None
+
+
 def _fast(pc: str, pn: str, gc: str, gn: str, symmetric: bool) -> bool | None:
-    """Decide cheaply when it is safe to; None means "ask the symbolic engine"."""
+    """Decide cheaply when it is safe to; None means "ask the symbolic engine".
+
+    Every decision here is meant to be the one math-verify would reach (checked against it by
+    ``tests/test_grading_differential.py``), apart from the documented deliberate differences:
+    plain words, choice letters, the percent rule of :func:`numbers_equal`, and thin-space
+    thousands separators (``10\\,000``, joined by :func:`normalize_answer`).
+    """
     if not pn or not gn:
         return False
+    pv, gv = _assigned_var(pc), _assigned_var(gc)
+    if pv is not None and gv is not None and pv != gv:
+        return None  # x = 1 vs y = 1: math-verify compares them as relations, not values
     if pn == gn:
         return True
     g_letter = choice_letter(gc)
@@ -98,7 +132,7 @@ def _fast(pc: str, pn: str, gc: str, gn: str, symmetric: bool) -> bool | None:
     # A plain number never equals a tuple/list/interval or a word: no need to parse either side.
     if gnum is not None or pnum is not None:
         other_n, other_c = (pn, pc) if gnum is not None else (gn, gc)
-        if _is_composite(other_n):
+        if _is_composite(other_n) and _mathy(other_c):
             return False
         w = _words(other_c)
         if w is not None and max(len(x) for x in w.split()) >= 3:
@@ -106,18 +140,61 @@ def _fast(pc: str, pn: str, gc: str, gn: str, symmetric: bool) -> bool | None:
     return None
 
 
-def _is_composite(norm: str) -> bool:
-    """A tuple/list/interval/set: a comma at depth 0 (``1,2``) or inside one outer bracket (``(1,2]``)."""
-    outer = norm[:1] in ("(", "[") or norm.startswith("\\{")
-    depth = 0
-    for c in norm:
+_DECIMAL_COMMA_RE = re.compile(r"^[-+]?0\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
+
+
+def _split_top(inner: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(inner):
         if c in "([{":
             depth += 1
         elif c in ")]}":
             depth -= 1
-        elif c == "," and (depth == 0 or (depth == 1 and outer)):
-            return True
-    return False
+        elif c == "," and depth == 0:
+            parts.append(inner[start:i])
+            start = i + 1
+    parts.append(inner[start:])
+    return parts
+
+
+def _is_composite(norm: str) -> bool:
+    """A list/set/tuple/interval of at least two *different plain numbers* (``1,2``, ``(1,2]``, ``\\{1,3\\}``).
+
+    Only then is it surely not equal to one number in math-verify's eyes: a set or list of equal
+    elements (``2, 2``, ``1+1, 2``) collapses to one element, a closed interval ``[2,2]`` to a point,
+    and ``0,245`` is the decimal 0.245.
+    """
+    if _DECIMAL_COMMA_RE.match(norm):
+        return False
+    inner = norm
+    for op, cl in (("(", ")"), ("[", "]"), ("(", "]"), ("[", ")"), ("\\{", "\\}")):
+        if norm.startswith(op) and norm.endswith(cl) and len(norm) > len(op) + len(cl):
+            body = norm[len(op) : -len(cl)]
+            if _balanced(body):
+                inner = body
+                break
+    parts = _split_top(inner)
+    if len(parts) < 2:
+        return False
+    values = []
+    for part in parts:
+        n = parse_number(part)
+        if n is None or n.percent:
+            return False
+        values.append(n.value)
+    return len(set(values)) >= 2
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 class Grader:
@@ -127,13 +204,27 @@ class Grader:
     symbolic engine runs in ``workers`` subprocesses started on first need.
     """
 
-    def __init__(self, timeout_s: float = 5.0, cache_size: int = 200_000, workers: int = 1) -> None:
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        cache_size: int = 200_000,
+        workers: int = 1,
+        *,
+        symbolic: str = "fast",
+        parser_warmup: bool = True,
+    ) -> None:
+        """``symbolic="plain"`` runs math-verify unmodified in the workers (same verdicts, slower:
+        for comparisons); ``parser_warmup=False`` skips the idle-time parser warm-up."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if symbolic not in ("fast", "plain"):
+            raise ValueError(f"symbolic must be 'fast' or 'plain', got {symbolic!r}")
         self.timeout_s = float(timeout_s)
         self.workers = workers
+        self.symbolic = symbolic
+        self.parser_warmup = parser_warmup
         self._cache: LRUCache[bool] = LRUCache(cache_size)
         self._pool: VerifyPool | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -240,7 +331,12 @@ class Grader:
     def _get_pool(self) -> VerifyPool:
         with self._lock:
             if self._pool is None:
-                self._pool = VerifyPool(self.workers, self.timeout_s)
+                self._pool = VerifyPool(
+                    self.workers,
+                    self.timeout_s,
+                    plain=self.symbolic == "plain",
+                    parser_warmup=self.parser_warmup,
+                )
                 weakref.finalize(self, VerifyPool.close, self._pool)
             return self._pool
 

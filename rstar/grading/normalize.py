@@ -63,7 +63,12 @@ _TRAILING_WORD_UNIT_RE = re.compile(
 )
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\^\s*\{\s*\\text\{\s*o\s*\}\s*\}")
 _SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad|\\displaystyle|\\left(?![a-z])|\\right(?![a-z])|\\big[lr]?|\\Big[lr]?")
-_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+# A leading 0 group ("0,245") is not a thousands separator: math-verify reads it as a decimal comma.
+_GAP = r"(?:\s|\\[,;:! ]|\\q?quad(?![A-Za-z]))+"
+_THIN_THOUSANDS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?:\\,\d{3})+(?![\d.,])")
+_DIGIT_GAP_RE = re.compile(r"(?<=\d)" + _GAP + r"(?=\d)|(?<=\d\.)" + _GAP + r"(?=\d)")
+_COMMAND_GAP_RE = re.compile(r"(\\[A-Za-z]+)" + _GAP + r"(?=[A-Za-z])")
+_THOUSANDS_RE = re.compile(r"^[-+]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
 
 
 def _strip_units(t: str) -> str:
@@ -105,7 +110,7 @@ def _fix_fracs(t: str) -> str:
     t = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", t)
     t = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", t)
     t = re.sub(r"\\frac\s*(\{[^{}]*\})\s*(\d)", r"\\frac\1{\2}", t)
-    t = re.sub(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", t)
+    t = re.sub(r"\\sqrt\s*(\d|[a-zA-Z])(?![a-zA-Z])", r"\\sqrt{\1}", t)  # \sqrt23 is \sqrt{2}3 in LaTeX
     return t
 
 
@@ -115,13 +120,20 @@ def normalize_answer(s: str) -> str:
     Used as a memo key and for the string-equality fast path; never sent to the parser.
     """
     t = clean_answer(s)
-    t = re.sub(r"(\d),\s*\\!\s*(?=\d)", r"\1,", t)  # 11,\! 111 is a thousands separator
+    t = re.sub(r"(\d),\\!\s*(?=\d)", r"\1,", t)  # 11,\! 111 is a thousands separator (not "11, \! 111")
     t = re.sub(r"(\d)\{,\}(?=\d)", r"\1,", t)
     # "6, 250" (a space after the comma) is a list of two numbers, not 6250.
     spaced_commas = bool(re.search(r"\s,|,\s", t))
+    t = _fix_fracs(t)
+    # Thin-space thousands separators ("1\,000") are joined -- a deliberate difference from
+    # math-verify, which does not read them as 1000.  Any other gap between digits ("2 3",
+    # "1\;000", "1. 5") or after a command name ("\sin x") separates tokens for the parser, so it is
+    # kept (as "␣") instead of being squeezed out.
+    t = _THIN_THOUSANDS_RE.sub(lambda m: m.group(0).replace("\\,", ""), t)
+    t = _DIGIT_GAP_RE.sub("\u2423", t)
+    t = _COMMAND_GAP_RE.sub("\\1\u2423", t)
     t = _SPACING_RE.sub("", t)
     t = re.sub(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{([^{}]*)\}", r"\1", t)
-    t = _fix_fracs(t)
     t = re.sub(r"\s+", "", t)
     if not spaced_commas and _THOUSANDS_RE.match(t):
         t = t.replace(",", "")
@@ -137,11 +149,15 @@ def normalize_answer(s: str) -> str:
 
 @dataclass(frozen=True)
 class NumberValue:
-    """A plain number: exact value, whether it was written as a decimal, whether it had ``%``."""
+    """A plain number: exact value, whether it was written as a decimal, whether it had ``%``.
+
+    ``digits`` counts the significant digits of a decimal as written (0 for integers and fractions).
+    """
 
     value: Fraction
     approx: bool
     percent: bool
+    digits: int = 0
 
 
 _INT_OR_DEC_RE = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
@@ -159,7 +175,9 @@ def parse_number(norm: str) -> NumberValue | None:
     if not t or len(t) > 60:
         return None
     if _INT_OR_DEC_RE.match(t):
-        return NumberValue(Fraction(t), "." in t, percent)
+        approx = "." in t
+        digits = len(t.lstrip("+-").replace(".", "").lstrip("0")) if approx else 0
+        return NumberValue(Fraction(t), approx, percent, digits)
     m = _FRAC_RE.match(t)
     if m:
         num, den = int(m.group(2)), int(m.group(3))
@@ -176,29 +194,55 @@ def parse_number(norm: str) -> NumberValue | None:
     return None
 
 
-def _close(a: Fraction, b: Fraction, approx: bool) -> bool:
+# math-verify reads a decimal into a sympy Float carrying as many digits as written; past 15
+# significant digits its precision differs from a 53-bit Float and the rounded values no longer
+# compare equal, so such decimals are left to it.
+_MAX_DECIMAL_DIGITS = 15
+
+
+def _round6(x: Fraction) -> int | None:
+    """``x`` rounded to 6 decimals (as an integer count of 1e-6), or None on an exact tie."""
+    y = x * 10**6
+    if y.denominator == 2:
+        return None  # ...5 exactly: binary floats may round either way; let math-verify decide
+    return round(y)
+
+
+def _close(a: Fraction, a_approx: bool, b: Fraction, b_approx: bool) -> bool | None:
     if a == b:
         return True
-    if not approx:
+    if not (a_approx or b_approx):
         return False
-    # Same rule as math-verify (float_rounding=6): decimals agree to 6 places, plus float noise.
-    if round(a, 6) == round(b, 6):
-        return True
-    scale = max(abs(a), abs(b))
-    return abs(a - b) <= scale * Fraction(1, 10**12)
+    # math-verify (float_rounding=6): a decimal equals a value when both round to the same 6
+    # decimal places -- except an exact integer, which only equals a decimal of exactly its value
+    # (sympy compares the rounded Float with the Integer, and they differ).
+    if (not a_approx and a.denominator == 1) or (not b_approx and b.denominator == 1):
+        return False
+    ra, rb = _round6(a), _round6(b)
+    if ra is None or rb is None:
+        return None
+    return ra == rb
 
 
-def numbers_equal(gold: NumberValue, pred: NumberValue) -> bool:
-    """Decide two plain numbers.
+def numbers_equal(gold: NumberValue, pred: NumberValue) -> bool | None:
+    """Decide two plain numbers; None when only math-verify can say the same thing it would say.
 
     A ``%`` on either side means "value/100" *or* "the same number with a percent unit":
     ``50\\%`` equals ``0.5`` and ``50``; but ``50`` never equals ``0.5`` (the official rStar checker's
     x100/÷100 leniency is not reproduced: it accepts answers off by a factor of 100).
     """
-    approx = gold.approx or pred.approx
+    if max(gold.digits, pred.digits) > _MAX_DECIMAL_DIGITS:
+        return None
     gs = {gold.value, gold.value / 100} if gold.percent else {gold.value}
     ps = {pred.value, pred.value / 100} if pred.percent else {pred.value}
-    return any(_close(g, p, approx) for g in gs for p in ps)
+    undecided = False
+    for g in gs:
+        for p in ps:
+            r = _close(g, gold.approx, p, pred.approx)
+            if r:
+                return True
+            undecided = undecided or r is None
+    return None if undecided else False
 
 
 _CHOICE_RE = re.compile(r"^\(?([A-Z])\)?$")

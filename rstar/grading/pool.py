@@ -38,8 +38,9 @@ class CheckResult:
 class _Worker:
     """One subprocess; used by one caller at a time (the pool hands out free workers)."""
 
-    def __init__(self, start_timeout_s: float) -> None:
+    def __init__(self, start_timeout_s: float, args: tuple[str, ...] = ()) -> None:
         self.start_timeout_s = start_timeout_s
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
         self.ready = False
@@ -50,7 +51,7 @@ class _Worker:
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rstar.grading._worker"],
+            [sys.executable, "-m", "rstar.grading._worker", *self.args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -111,6 +112,26 @@ class _Worker:
         equal, status = json.loads(line)
         return CheckResult(bool(equal), str(status), time.monotonic() - t0)
 
+    def wait_warm(self, timeout_s: float) -> tuple[int, float]:
+        """Block until the worker's parser warm-up is done: (corpus items, seconds spent)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b'["warm"]\n')
+        self.proc.stdin.flush()
+        line = self._readline(time.monotonic() + timeout_s)
+        if line is None:
+            self.kill()
+            raise RuntimeError(f"grading worker did not finish its warm-up within {timeout_s:.0f}s")
+        msg = json.loads(line)
+        return int(msg[1]), float(msg[2])
+
+    def clear(self, timeout_s: float) -> None:
+        """Empty the worker's memo of parsed answers."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b'["clear"]\n')
+        self.proc.stdin.flush()
+        if self._readline(time.monotonic() + timeout_s) is None:
+            self.kill()
+
     def kill(self) -> None:
         proc, self.proc = self.proc, None
         self.ready = False
@@ -142,6 +163,8 @@ class VerifyPool:
         *,
         start_timeout_s: float = 120.0,
         max_tasks_per_worker: int = 200_000,
+        plain: bool = False,
+        parser_warmup: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -150,7 +173,9 @@ class VerifyPool:
         self.workers = workers
         self.timeout_s = float(timeout_s)
         self.max_tasks_per_worker = max_tasks_per_worker
-        self._all = [_Worker(start_timeout_s) for _ in range(workers)]
+        args = (("--plain",) if plain else ()) + (() if parser_warmup else ("--no-warmup",))
+        self.plain = plain
+        self._all = [_Worker(start_timeout_s, args) for _ in range(workers)]
         self._free: queue.Queue[_Worker] = queue.Queue()
         for w in self._all:
             self._free.put(w)
@@ -186,8 +211,12 @@ class VerifyPool:
         finally:
             self._free.put(w)
 
-    def warm_up(self) -> None:
-        """Start every worker and wait until all are ready (otherwise they start on first use)."""
+    def warm_up(self, parser: bool = False) -> list[tuple[int, float]]:
+        """Start every worker and wait until all are ready (otherwise they start on first use).
+
+        With ``parser``, also wait until each has parsed its warm-up corpus (which otherwise runs
+        in the worker's idle time); returns (corpus items, seconds) per worker.
+        """
         taken = [self._free.get() for _ in self._all]
         try:
             for w in taken:
@@ -195,6 +224,18 @@ class VerifyPool:
                     w.start()
             for w in taken:
                 w.ensure_ready()
+            return [w.wait_warm(w.start_timeout_s) for w in taken] if parser else []
+        finally:
+            for w in taken:
+                self._free.put(w)
+
+    def clear_caches(self) -> None:
+        """Empty every running worker's memo of parsed answers (benchmarks that must start cold)."""
+        taken = [self._free.get() for _ in self._all]
+        try:
+            for w in taken:
+                if w.proc is not None and w.ready:
+                    w.clear(self.timeout_s)
         finally:
             for w in taken:
                 self._free.put(w)
