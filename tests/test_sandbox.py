@@ -1,8 +1,14 @@
-"""rstar.sandbox: semantics, isolation against hostile programs, pool behaviour."""
+"""rstar.sandbox: semantics, isolation against hostile programs, pool behaviour.
+
+Pools run in reuse mode (the default) unless ``RSTAR_SANDBOX_TEST_STRICT=1``, which runs the
+whole file in strict mode; the hostile-program and state-leak tests run in both modes.
+"""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,12 +21,21 @@ from pathlib import Path
 import pytest
 
 from rstar.sandbox import ExecResult, Sandbox, SandboxConfig, Status, format_observation
+from rstar.sandbox._corpus import typical_steps
+from rstar.sandbox._screen import screen
 
 pytestmark = pytest.mark.timeout(120)
 
+STRICT = os.environ.get("RSTAR_SANDBOX_TEST_STRICT") == "1"  # default mode of these pools
 CFG = SandboxConfig(workers=2, timeout_s=3.0, cpu_time_s=1.0, memory_mb=512,
-                    max_output_chars=10_000, max_file_mb=8, cache_size=0)
-LIGHT = dict(preload=("math",), warmup=False)  # fast-starting pools for lifecycle tests
+                    max_output_chars=10_000, max_file_mb=8, cache_size=0,
+                    fresh_process_per_run=STRICT)
+# One server per mode for the hostile and leak tests (consecutive runs share its child);
+# 256 MB so that filling the address space stays well within 1 s of CPU on a loaded machine.
+ONE = dataclasses.replace(CFG, workers=1, memory_mb=256, preload=("math", "numpy", "sympy"),
+                          warmup=False)
+LIGHT = dict(preload=("math",), warmup=False, fresh_process_per_run=STRICT)  # lifecycle tests
+MODES = ["reuse", "strict"]
 
 
 def _proc_table() -> dict[int, int]:
@@ -64,11 +79,41 @@ def sb():
         yield s
 
 
+@pytest.fixture(scope="module")
+def _one_pools():
+    pools: dict[str, Sandbox] = {}
+    yield pools
+    for s in pools.values():
+        s.close()
+
+
+@pytest.fixture(params=MODES)
+def sb1(request, _one_pools) -> Sandbox:
+    """A one-server pool in each mode (shared by the tests of this module)."""
+    mode = request.param
+    if mode not in _one_pools:
+        s = Sandbox(dataclasses.replace(ONE, fresh_process_per_run=mode == "strict"))
+        s.wait_ready(180)
+        _one_pools[mode] = s
+    return _one_pools[mode]
+
+
+def _strict(sb: Sandbox) -> bool:
+    return sb.config.fresh_process_per_run
+
+
 def _unharmed(sb: Sandbox, pids_before: list[int]) -> None:
-    """The pool still answers, no server was replaced, and no run left a process behind."""
+    """The pool still answers, no server was replaced, and no run left a process behind:
+    a server's only descendant is its current reuse-mode child, which has none."""
     assert sb.run("print(6 * 7)").stdout == "42\n"
     assert sb.server_pids() == pids_before
-    for pid in pids_before:
+    workers = set(sb.worker_pids())
+    if _strict(sb):
+        assert workers == set()
+    under = [_descendants(pid) for pid in pids_before]
+    assert all(d - workers == set() for d in under)
+    assert workers <= set().union(*under)  # each reported child is a live child of a server
+    for pid in workers:
         assert _descendants(pid) == set()
 
 
@@ -142,13 +187,15 @@ def test_main_guard_and_dunder_name(sb):
     assert r.ok and r.stdout == "ran\n"
 
 
-def test_no_variable_leaks(sb):
+def test_no_variable_leaks(sb1):
+    sb = sb1
     assert sb.run("secret = 41\nsecret + 1").value == "42"
     r = sb.run("print(secret)")
     assert r.status is Status.ERROR and r.error == "NameError: name 'secret' is not defined"
 
 
-def test_module_state_is_pristine_next_run(sb):
+def test_module_state_is_pristine_next_run(sb1):
+    sb = sb1
     r = sb.run("import math, sys, builtins, sympy, decimal\nmath.pi = 3\nsympy.pi = 4\n"
                "sys.modules['numpy'] = None\ndecimal.getcontext().prec = 3\nprint('patched')\n"
                "sys.setrecursionlimit(50)\ndel builtins.len\n42")
@@ -159,7 +206,8 @@ def test_module_state_is_pristine_next_run(sb):
     assert r.ok and r.stdout == "3.141592653589793 pi numpy 2 1000 28\n"
 
 
-def test_cwd_is_private_and_removed(sb):
+def test_cwd_is_private_and_removed(sb1):
+    sb = sb1
     r = sb.run("import os, tempfile\nopen('a.txt', 'w').write('x')\n"
                "tempfile.NamedTemporaryFile(delete=False).write(b'y')\n"
                "print(sorted(os.listdir('.')) == sorted(os.listdir(tempfile.gettempdir())))\n"
@@ -310,15 +358,21 @@ def _need_landlock(sb: Sandbox) -> None:
 
 
 @pytest.mark.parametrize("name,code,status,fragment", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile(sb, name, code, status, fragment):
+def test_hostile(sb1, name, code, status, fragment):
+    sb = sb1
     if name in NEEDS_LANDLOCK:
         _need_landlock(sb)
     pids = sb.server_pids()
+    recycled = sb.stats["recycled"]
     r = sb.run(code)
     assert r.status is status, (name, r)
     if fragment is not None:
         assert fragment in (r.error or ""), (name, r)
     assert not r.ok and r.error
+    if sb.stats["recycled"] == recycled:  # its child was reused: a plain Python exception
+        assert not _strict(sb) and r.status is Status.ERROR
+        assert not r.error.startswith(("Crash", "ProcessExit", "SandboxError"))
+        assert screen(compile(ast.parse(code), "<s>", "exec")) is None
     _unharmed(sb, pids)
 
 
@@ -346,13 +400,15 @@ def test_remove_file_outside_fails(sb, tmp_path):
     assert r.status is Status.ERROR and victim.exists()
 
 
-def test_caught_violation_attempts_still_fail(sb):
+def test_caught_violation_attempts_still_fail(sb1):
+    sb = sb1
     # a program cannot swallow a forbidden call and carry on as OK
     r = sb.run("import os\ntry:\n    os.fork()\nexcept BaseException:\n    pass\nprint('ok')")
     assert r.status is Status.FORBIDDEN
 
 
-def test_unreadable_leftovers_cleaned(sb):
+def test_unreadable_leftovers_cleaned(sb1):
+    sb = sb1
     r = sb.run("import os\nos.mkdir('d')\nopen('d/f', 'w').write('x')\nos.chmod('d/f', 0)\n"
                "os.chmod('d', 0)\nprint('done')")
     assert r.ok
@@ -363,6 +419,230 @@ def test_short_thread_output_kept(sb):
     r = sb.run("import threading\nt = threading.Thread(target=lambda: print('from thread'))\n"
                "t.start()\nprint('main')")
     assert r.ok and sorted(r.stdout.splitlines()) == ["from thread", "main"]
+
+
+# ----------------------------------------------------------------- reuse mode: clean state
+
+# (name, program A, program B run next on the same server, B's expected stdout, what A
+# does to a reuse-mode child: "taint" = the screen recycles it, "state" = the runtime
+# fingerprint does, "reuse" = it is reused, and B must still see pristine state)
+LEAKS: list[tuple[str, str, str, str, str]] = [
+    ("module_attribute", "import math\nmath.pi = 3\nprint(math.pi)",
+     "import math\nprint(math.pi)", "3.141592653589793\n", "taint"),
+    ("sympy_attribute", "import sympy\nsympy.pi = 4", "import sympy\nprint(sympy.pi)", "pi\n",
+     "taint"),
+    ("class_attribute", "from fractions import Fraction\nFraction.limit = 7",
+     "from fractions import Fraction\nprint(hasattr(Fraction, 'limit'))", "False\n", "taint"),
+    ("class_method", "import sympy\nsympy.Rational.__str__ = lambda self: 'X'",
+     "import sympy\nprint(sympy.Rational(1, 3))", "1/3\n", "taint"),
+    ("builtins", "import builtins\nbuiltins.len = None\nbuiltins.answer = 42",
+     "print(len('ab'), 'answer' in dir(__builtins__))", "2 False\n", "taint"),
+    ("random_seed", "import random\nrandom.seed(0)",
+     "import random\nprint(random.random() == 0.8444218515250481)", "False\n", "taint"),
+    ("numpy_seed", "import numpy as np\nnp.random.seed(0)",
+     "import numpy as np\nprint(np.random.rand() == 0.5488135039273248)", "False\n", "taint"),
+    ("decimal_precision", "from decimal import getcontext\ngetcontext().prec = 5",
+     "import decimal\nprint(decimal.getcontext().prec)", "28\n", "taint"),
+    ("numpy_printoptions", "import numpy as np\nnp.set_printoptions(precision=2)",
+     "import numpy as np\nprint(np.array([1 / 3]))", "[0.33333333]\n", "taint"),
+    ("numpy_seterr", "import numpy as np\nnp.seterr(all='raise')",
+     "import numpy as np\nprint(np.float64(1.0) / 0)", "inf\n", "taint"),
+    ("warnings_filters", "import warnings\nwarnings.simplefilter('error')",
+     "import warnings\nwarnings.warn('w')\nprint('ok')", "ok\n", "taint"),
+    ("sys_path", "import sys\nsys.path.insert(0, '/nonexistent')",
+     "import sys\nprint('/nonexistent' in sys.path)", "False\n", "taint"),
+    ("environment", "import os\nos.environ['RSTAR_X'] = '1'",
+     "import os\nprint('RSTAR_X' in os.environ)", "False\n", "taint"),
+    ("signal_handler", "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)",
+     "import signal\nprint(signal.getsignal(signal.SIGALRM) == signal.SIG_DFL)", "True\n",
+     "taint"),
+    ("sympy_evaluate", "from sympy.core.parameters import global_parameters as g\n"
+     "g.evaluate = False", "import sympy\nx = sympy.Symbol('x')\nprint(x + x)", "2*x\n",
+     "taint"),
+    ("mpmath_precision", "from mpmath import mp\nmp.dps = 50", "from mpmath import mp\nprint(mp.dps)",
+     "15\n", "taint"),
+    ("new_import", "import wave\nprint('imported')",
+     "import sys\nprint('wave' in sys.modules)", "False\n", "state"),
+    # passes the static screen (the names are built at run time); the fingerprint sees it
+    ("obfuscated_rebinding", "import sympy\nu = chr(95) * 2\nw = ''.join(['imp', 'ort'])\n"
+     "sa = ''.join(['set', 'attr'])\n"
+     "sympy.sympify(u + w + u + '(\"math\").' + u + sa + u + '(\"pi\", 3)')",
+     "import math\nprint(math.pi)", "3.141592653589793\n", "state"),
+    ("globals", "secret = 41\nclass K:\n    pass\ndef f():\n    return secret\nprint(f())",
+     "print([n for n in ('secret', 'K', 'f') if n in dir()])", "[]\n", "reuse"),
+    ("scratch_files", "import tempfile\nopen('a.txt', 'w').write('x')\n"
+     "open(tempfile.gettempdir() + '/b.txt', 'w').write('y')\nprint(len('ok'))",
+     "from pathlib import Path\nprint(sorted(p.name for p in Path('.').iterdir()))", "[]\n",
+     "reuse"),
+    ("random_advance", "import random\nrandom.random()\nrandom.shuffle([1, 2, 3])",
+     "import random\nprint(random.getstate() == random.getstate())", "True\n", "reuse"),
+]
+
+
+@pytest.mark.parametrize("name,a,b,expected,effect", LEAKS, ids=[x[0] for x in LEAKS])
+def test_state_does_not_leak(sb1, name, a, b, expected, effect):
+    sb = sb1
+    sb.run("print('warm')")  # the server has a child
+    before = dict(sb.stats)
+    workers = sb.worker_pids()
+    ra = sb.run(a)
+    assert ra.status in (Status.OK, Status.ERROR), ra
+    rb = sb.run(b)
+    assert rb.ok and rb.stdout == expected, (name, rb)
+    if _strict(sb):
+        assert sb.stats["children_forked"] - before.get("children_forked", 0) == 2
+        return
+    recycled = _recycled_since(sb, before)
+    if effect == "reuse":  # (a child may still retire of age: CPU used or runs)
+        assert set(recycled) <= AGE, recycled
+        assert sb.worker_pids() == workers or recycled
+    else:
+        assert recycled.get(f"recycled_{effect}", 0) >= 1, recycled
+
+
+AGE = {"recycled_cpu", "recycled_runs"}  # a child replaced for its age, not for a program
+
+
+def _recycled_since(sb: Sandbox, before: dict[str, int]) -> dict[str, int]:
+    return {k: sb.stats[k] - before.get(k, 0) for k in sb.stats
+            if k.startswith("recycled_") and sb.stats[k] != before.get(k, 0)}
+
+
+def test_reused_child_restores_rng_state(sb1):
+    """Unseeded numpy draws are the same in every program (as in a fresh fork)."""
+    sb = sb1
+    prog = "import numpy as np\nprint(np.random.rand(), {i})"
+    outs = [sb.run(prog.format(i=i)).stdout.split()[0] for i in range(3)]
+    assert len(set(outs)) == 1
+    if not _strict(sb):
+        before, workers = dict(sb.stats), sb.worker_pids()
+        sb.run(prog.format(i=3))
+        recycled = _recycled_since(sb, before)  # advancing the RNG does not cost a fork
+        assert set(recycled) <= AGE and (sb.worker_pids() == workers or recycled), recycled
+
+
+def test_tainting_program_recycles_child():
+    with Sandbox(SandboxConfig(workers=1, **{**LIGHT, "fresh_process_per_run": False})) as s:
+        assert s.run("x = 1\nprint(x)").ok
+        (w,) = s.worker_pids()
+        assert s.run("y = 2\nprint(y)").ok and s.worker_pids() == [w]  # reused
+        assert s.run("z = getattr(3, 'real')\nprint(z)").stdout == "3\n"
+        assert s.worker_pids() == [] and s.stats["recycled_taint"] == 1
+        assert s.recycle_details["taint: name getattr"] == 1
+        assert s.run("print(4)").ok and s.stats["children_forked"] == 2
+
+
+def test_ordinary_steps_do_not_taint():
+    """The static screen passes typical rStar steps and the benchmark programs."""
+    progs = typical_steps(440)
+    progs += [textwrap.dedent(p) for p in (
+        """
+        from dataclasses import dataclass
+        @dataclass
+        class Point:
+            x: float
+            y: float
+            def norm(self):
+                return (self.x ** 2 + self.y ** 2) ** 0.5
+        class Counter:
+            def __init__(self):
+                self.n = 0
+            def add(self, k):
+                self.n += k
+                return self
+            def __repr__(self):
+                return f"Counter({self.n})"
+        c = Counter().add(3)
+        print(Point(3, 4).norm(), c)
+        if __name__ == "__main__":
+            print(repr(c))
+        """,
+        "import numpy as np\na = np.arange(12).reshape(3, 4)\na[0, 1] = 7\nprint(np.trace(a), "
+        "np.stack([a, a]).shape)\nfor _ in range(2):\n    pass",
+        "from sympy import *\nx, y = symbols('x y')\nprint(simplify((x**2 - y**2)/(x - y)), "
+        "nsimplify(0.25), sympify('x**2 + 1'))",
+        "import math, itertools, functools, collections, statistics, fractions, decimal, cmath\n"
+        "print(math.isqrt(99), statistics.mean([1, 2]), decimal.Decimal('0.1') * 3, "
+        "functools.reduce(lambda a, b: a * b, range(1, 6)), collections.Counter('aab'))",
+    )]
+    tainted = [(p, screen(compile(ast.parse(p), "<s>", "exec"))) for p in progs]
+    assert [t for t in tainted if t[1] is not None] == []
+
+
+TAINTING = [
+    ("getattr(math, 'pi')", "name getattr"), ("import os", "name os"),
+    ("import sys\nsys.setrecursionlimit(10)", "name sys"), ("x = [].__class__", "name __class__"),
+    ("import math\nmath.tau = 1", "attribute store"), ("import math\ndel math.tau", "attribute delete"),
+    ("class A:\n    def f(self, m):\n        m.x = 1", "attribute store"),
+    ("def f(self):\n    self.x = 1\nimport math\nf(math)", "attribute store"),
+    ("class A:\n    @staticmethod\n    def f(self):\n        self.x = 1", "attribute store"),
+    ("import random\nrandom.seed(1)", "name seed"), ("from numpy.random import seed", "name seed"),
+    ("import sympy\nsympy.init_printing()", "name init_printing"),
+    ("import numpy as np\nnp.set_printoptions(precision=3)", "name set_printoptions"),
+    ("from decimal import getcontext", "name getcontext"), ("import importlib.util", "name importlib"),
+    ("import sympy\nsympy.sympify('__import__(\"os\")')", "dynamic string"),
+    ("def f():\n    return eval('1')", "name eval"), ("import fractions\nfractions._gcd", "name _gcd"),
+    ("import warnings\nwarnings.filterwarnings('ignore')", "name filterwarnings"),
+]
+
+
+@pytest.mark.parametrize("code,reason", TAINTING)
+def test_screen_flags_tainting_programs(code, reason):
+    assert screen(compile(ast.parse(code), "<s>", "exec")) == reason
+
+
+def test_ordinary_steps_reuse_one_child(sb):
+    """Typical steps (full preload and warm-up, as in production) run without a recycle."""
+    if _strict(sb):
+        pytest.skip("reuse mode only")
+    progs = typical_steps(66)
+    before = dict(sb.stats)
+    res = [sb.run(p) for p in progs]
+    assert all(r.ok for r in res), [r for r in res if not r.ok][:2]
+    delta = {k: v - before.get(k, 0) for k, v in sb.stats.items() if v != before.get(k, 0)}
+    assert set(_recycled_since(sb, before)) <= AGE, delta
+    assert delta.get("children_forked", 0) <= 2 + delta.get("recycled", 0), delta
+
+
+def test_cpu_limit_per_program_in_reuse_mode():
+    """Each program gets its own CPU limit although RLIMIT_CPU counts the child's total:
+    the server times each program, and the child is replaced once its total passes
+    recycle_cpu_s, long before the kernel backstop (cpu_time_s + 1 s of its total)."""
+    cfg = SandboxConfig(workers=1, timeout_s=6.0, cpu_time_s=1.0, recycle_cpu_s=0.5,
+                        preload=("math",), warmup=False)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}:\n" \
+           "    pass\nprint({i})"
+    with Sandbox(cfg) as s:
+        assert s.run(burn.format(s=0.4, i=1)).stdout == "1\n"
+        assert s.stats["recycled"] == 0
+        r = s.run(burn.format(s=0.7, i=2))  # same child: its total passes 1 s, still OK
+        assert r.stdout == "2\n", r
+        assert s.stats["recycled_cpu"] == 1 and s.stats["children_forked"] == 1
+        r = s.run("while True: pass")
+        assert r.status is Status.TIMEOUT and r.error == \
+            "TimeoutError: execution exceeded the 1 s CPU-time limit"
+        assert s.run("print('next')").stdout == "next\n"
+
+
+def test_max_runs_per_child_and_stats():
+    with Sandbox(SandboxConfig(workers=1, max_runs_per_child=3,
+                               **{**LIGHT, "fresh_process_per_run": False})) as s:
+        for i in range(7):
+            assert s.run(f"print({i})").stdout == f"{i}\n"
+        assert s.stats["runs"] == 7 and s.stats["children_forked"] == 3
+        assert s.stats["recycled_runs"] == 2 and s.stats["recycled"] == 2
+    with Sandbox(SandboxConfig(workers=1, **{**LIGHT, "fresh_process_per_run": True})) as s:
+        for i in range(3):
+            assert s.run(f"print({i})").ok
+        assert s.stats["children_forked"] == 3 and s.stats["recycled_strict"] == 3
+        assert s.worker_pids() == []
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        SandboxConfig(recycle_cpu_s=0)
+    with pytest.raises(ValueError):
+        SandboxConfig(max_runs_per_child=0)
 
 
 # ------------------------------------------------------------------------- pool lifecycle
@@ -387,6 +667,9 @@ def test_close_leaves_no_processes():
     before = _descendants(me)
     s = Sandbox(SandboxConfig(workers=2, **LIGHT))
     s.wait_ready(60)
+    assert s.run("print(1)").ok
+    workers = s.worker_pids()  # reuse mode: the child that ran it waits for more
+    assert len(workers) == (0 if STRICT else 1) and all(_alive(w) for w in workers)
     fut = s.submit("import time\ntime.sleep(30)")
     time.sleep(0.3)
     pids = s.server_pids()
@@ -395,6 +678,7 @@ def test_close_leaves_no_processes():
     s.close()
     assert fut.result(5).status is Status.KILLED
     assert _descendants(me) - before == set()
+    assert not any(_alive(w) for w in workers)
     assert not os.path.exists(root)
     assert s.run("1").status is Status.KILLED  # closed pool answers, never hangs
 
@@ -415,14 +699,19 @@ def test_parent_death_kills_servers(tmp_path):
                          timeout=90)
     parent, *pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2, out.stderr
+    def left() -> list[int]:  # servers, or run children (forks of a server: same cmdline)
+        found = []
+        for pid in _proc_table():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"rstar.sandbox._server" in argv and str(parent).encode() in argv:
+                found.append(pid)
+        return found
+
     deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in pids):
+    while time.time() < deadline and (any(_alive(p) for p in pids) or left()):
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
-    # no orphaned run children either: they are forks of a server, same command line
-    for pid in _proc_table():
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        assert not (b"rstar.sandbox._server" in argv and str(parent).encode() in argv), pid
+    assert left() == []

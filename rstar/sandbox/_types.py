@@ -17,6 +17,11 @@ class SandboxConfig:
     ``memory_mb`` is the address space a program may add on top of the preloaded interpreter
     (RLIMIT_AS = server's own address space at fork time + memory_mb), so the default does not
     depend on how much numpy/scipy/OpenBLAS happen to map.
+
+    ``fresh_process_per_run=False`` (default, "reuse mode"): a locked-down child runs many
+    programs, each in fresh globals, and is replaced whenever a program may have changed
+    state the next one would see (see docs/sandbox.md); ``True`` ("strict mode"): one fresh
+    fork per program.
     """
 
     workers: int = 0  # 0 = CPUs available to this process
@@ -34,6 +39,22 @@ class SandboxConfig:
     tmp_root: str | None = None  # where per-server scratch dirs live (default: tempfile dir)
     start_timeout_s: float = 60.0  # a server not ready by then is restarted
     extra_env: dict[str, str] = field(default_factory=dict)  # added to the server environment
+    fresh_process_per_run: bool = False  # strict mode: one fork per program
+    # Reuse mode: a child is replaced after this many programs, once it has used this much
+    # CPU time in all (< 1 s: RLIMIT_CPU is cpu_time_s + 1 s of the child's total, a kernel
+    # backstop behind the server's per-program check), or once its address space has grown
+    # by this much (RLIMIT_AS is raised by as much, so every program keeps memory_mb).
+    max_runs_per_child: int = 256
+    recycle_cpu_s: float = 0.5
+    recycle_memory_mb: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.recycle_cpu_s < 1:
+            raise ValueError(f"recycle_cpu_s must be in (0, 1), got {self.recycle_cpu_s}")
+        if self.max_runs_per_child < 1:
+            raise ValueError(f"max_runs_per_child must be >= 1, got {self.max_runs_per_child}")
+        if self.recycle_memory_mb < 0:
+            raise ValueError(f"recycle_memory_mb must be >= 0, got {self.recycle_memory_mb}")
 
 
 class Status(str, enum.Enum):
