@@ -7,77 +7,175 @@ search's own CPU work from model time:
 
     python bench/bench_search.py --trees 1000 --rollouts 2 --n 4
 
-Reports, per pipeline: wall time, generated tokens/s, problems/s, and the share of wall
-time the process spent on CPU (the search's own work; the stand-in generator, sandbox and
-scorer cost ~nothing). Target: <= 2% at 1,000 concurrent trees; async faster than lock-step.
+Reports, per pipeline: wall time, generated tokens/s, problems/s, the process's CPU seconds
+(``time.process_time``: every thread, so the engine's pool, the scoring/grading worker
+threads and the lock-step generate/run_many threads are included) and two shares of wall
+time:
+
+* ``cpu %``: all CPU of the process during ``Searcher.run`` / wall time;
+* ``search %``: the same minus the stand-ins' own CPU (``stand-in s``), measured with
+  ``time.thread_time`` around every call of the stand-in generator's completion builder
+  and of its latency timers (``_sleep`` / ``_fire``), the stand-in tokenizer, the stand-in
+  scorer, grader and the sandbox's ``run_many``. Everything else is counted as the search:
+  the driver, the engine, asyncio (the per-request tasks and the futures they wait on, the
+  per-program ``arun`` coroutines), the worker-thread hops, garbage collection, building
+  the JSON record of every problem.
+
+The stand-ins are cheap (completions and their token ids are built once per distinct text
+and shared; one integer hash per request; latency timers grouped per millisecond) and
+deterministic (no ``hash()`` of strings, so every run builds the same trees). Step bodies
+are realistic code by default (``--pad code``); ``--pad hash`` is the earlier all-``#``
+filler, a worst case for CPython's substring search in the step parser. ``--repeat k``
+alternates k runs of each pipeline and prints medians; ``--out DIR`` also writes the JSONL
+records (one file per run). Target: ``search %`` <= 2% at 1,000 concurrent trees; async
+faster than lock-step.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import logging
+import os
+import statistics
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from rstar.backends import Completion, GenerationRequest  # noqa: F401 - the contract types
 from rstar.search.config import SearchConfig
 from rstar.search.driver import Searcher
-from rstar.search.steps import split_steps
 
 logger = logging.getLogger("bench_search")
 
+_M64 = (1 << 64) - 1
 
-def _h(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+def _mix(x: int, y: int) -> int:
+    """A cheap 64-bit mix (splitmix64 finaliser of x + golden * (y + 1))."""
+    z = (x + 0x9E3779B97F4A7C15 * (y + 1)) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 class _Tok:
-    """A cheap tokenizer: 4 characters per token (ids are chunk hashes)."""
+    """A cheap deterministic tokenizer: 4 characters per token (ids are CRC32s of the chunks).
+    ``cpu_s``: thread CPU spent in it (a stand-in for the model's tokenizer)."""
 
     chat_template = None
 
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": [hash(text[i : i + 4]) & 0xFFFF for i in range(0, len(text), 4)]}
+        t0 = time.thread_time()
+        b = text.encode()
+        ids = [zlib.crc32(b[i : i + 4]) & 0xFFFF for i in range(0, len(b), 4)]
+        self.cpu_s += time.thread_time() - t0
+        return {"input_ids": ids}
+
+
+#: Step bodies: a realistic mix of comments and code (``--pad code``), or the
+#: earlier all-``#`` filler (``--pad hash``: a worst case for CPython's substring search,
+#: whose skip table cannot skip ``#`` when the pattern holds a ``c``, as ``<code>`` does).
+PADS = {
+    "code": "# compute the next value from the previous ones\nvalue = (a + b) * c - d / e\n",
+    "hash": "#",
+}
 
 
 class LatencyGenerator:
-    """Steps drawn from a small vocabulary by a hash of the request seed; latency scales
-    with the tokens generated."""
+    """Steps drawn from a small vocabulary by a hash of the request (seed, prompt length);
+    latency scales with the tokens generated. ``cpu_s``: thread CPU spent building
+    completions and in the latency timers (the stand-in's own work, not the search's)."""
 
-    def __init__(self, base_s: float, per_token_s: float, step_tokens: int) -> None:
+    def __init__(self, base_s: float, per_token_s: float, step_tokens: int, pad: str = "code") -> None:
         self.tokenizer = _Tok()
         self.base_s = base_s
         self.per_token_s = per_token_s
         self.step_tokens = step_tokens
         self.busy_s = 0.0
+        self.cpu_s = 0.0
+        width = max(4 * step_tokens - 30, 0)
+        unit = PADS[pad]
+        self._pad = (unit * (width // len(unit) + 1))[:width]
+        self._cache: dict[tuple[Any, ...], Completion] = {}
+        self._due: dict[tuple[Any, int], list[asyncio.Future[None]]] = {}
+
+    def _build(self, key: tuple[Any, ...]) -> Completion:
+        kind, a, b, stops = key
+        pad = self._pad
+        if kind == 0:
+            text = f"\nx{a} = {b} {pad}\n<end_of_step>"
+        elif kind == 1:
+            text = f"\nprint({a}) {pad}\n<end_of_code>"
+        elif kind == 2:
+            text = f"\ny = undefined {pad}\n<end_of_step>"
+        else:
+            text = f"\n<answer>{pad} \\boxed{{{a}}}\n<end_of_answer>"
+        stop = next((s for s in stops if text.endswith(s)), None)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.step_tokens]
+        ids += [0] * (self.step_tokens - len(ids))
+        return Completion(text, ids, stop, "stop" if stop else "length")
 
     def _comps(self, req: Any) -> list[Any]:
+        t0 = time.thread_time()
+        r0 = _mix(req.seed or 0, len(req.prompt_ids))
+        cache = self._cache
         out = []
         for i in range(req.n):
-            r = _h(req.seed, i, len(req.prompt_ids))
+            r = _mix(r0, i)
             c = r % 10
-            pad = "#" * (4 * self.step_tokens - 30)
             if c < 5:
-                text = f"\nx{r % 7} = {r % 5} {pad}\n<end_of_step>"
+                key = (0, r % 7, r % 5, req.stop)
             elif c < 7:
-                text = f"\nprint({r % 3}) {pad}\n<end_of_code>"
+                key = (1, r % 3, 0, req.stop)
             elif c < 8:
-                text = f"\ny = undefined {pad}\n<end_of_step>"
+                key = (2, 0, 0, req.stop)
             else:
-                text = f"\n<answer>{pad} \\boxed{{{r % 3}}}\n<end_of_answer>"
-            stop = next(s for s in req.stop if text.endswith(s)) if any(text.endswith(s) for s in req.stop) else None
-            out.append(Completion(text, [1] * self.step_tokens, stop, "stop"))
+                key = (3, r % 3, 0, req.stop)
+            comp = cache.get(key)
+            if comp is None:
+                comp = cache[key] = self._build(key)
+            out.append(comp)
+        self.cpu_s += time.thread_time() - t0
         return out
 
     def _latency(self, req: Any) -> float:
         return self.base_s + self.per_token_s * self.step_tokens
 
+    def _sleep(self, delay: float) -> asyncio.Future[None]:
+        """Latency timers grouped per millisecond: one loop timer completes every request
+        due in that millisecond (as a batching server's client gets a step's results
+        together), instead of one timer per request. Adds at most 1 ms of latency."""
+        t0 = time.thread_time()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        key = (loop, int((loop.time() + delay) * 1000.0) + 1)
+        due = self._due.get(key)
+        if due is None:
+            due = self._due[key] = []
+            loop.call_at(key[1] / 1000.0, self._fire, key)
+        due.append(fut)
+        self.cpu_s += time.thread_time() - t0
+        return fut
+
+    def _fire(self, key: tuple[Any, int]) -> None:
+        t0 = time.thread_time()
+        for fut in self._due.pop(key):
+            if not fut.done():
+                fut.set_result(None)
+        self.cpu_s += time.thread_time() - t0
+
     async def agenerate(self, req: Any, *, dedup: bool = False) -> list[Any]:
-        await asyncio.sleep(self._latency(req))
+        delay = self._latency(req)
+        if delay > 0:
+            await self._sleep(delay)
+        else:
+            await asyncio.sleep(0)
         return self._comps(req)
 
     def generate(self, reqs: list[Any], *, dedup: bool = False) -> list[list[Any]]:
@@ -95,28 +193,56 @@ class _Res:
     status: str = "ok"
 
 
+_OK = _Res(True, "1", "ok")
+_ERR = _Res(False, "NameError: undefined", "error")
+
+
 class InstantSandbox:
-    """Code 'runs' instantly: a step fails iff it references ``undefined``."""
+    """Code 'runs' instantly: a step fails iff it references ``undefined``. Same interface
+    as ``rstar.sandbox.Sandbox``: ``arun`` (the async pipeline) and ``run_many`` (a whole
+    lock-step batch, called in a worker thread; ``cpu_s`` is its thread CPU)."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
 
     async def arun(self, program: str) -> _Res:
-        bad = "undefined" in program
-        return _Res(not bad, "NameError: undefined" if bad else "1", "error" if bad else "ok")
+        return _ERR if "undefined" in program else _OK
+
+    def run_many(self, programs: list[str]) -> list[_Res]:
+        t0 = time.thread_time()
+        out = [_ERR if "undefined" in p else _OK for p in programs]
+        self.cpu_s += time.thread_time() - t0
+        return out
 
     def close(self) -> None:
         pass
 
 
 class StrGrader:
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+
     def grade_many(self, preds: list[str | None], golds: list[str]) -> list[bool]:
-        return [p == g for p, g in zip(preds, golds)]
+        t0 = time.thread_time()
+        out = [p == g for p, g in zip(preds, golds)]
+        self.cpu_s += time.thread_time() - t0
+        return out
 
     def close(self) -> None:
         pass
 
 
 class HashScorer:
+    """A value in [-1, 1) from a hash of (prompt length, last token id)."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+
     def score(self, reqs: list[Any]) -> list[float]:
-        return [((_h(len(r.prompt_ids), r.prompt_ids[-1]) % 200) - 100) / 100.0 for r in reqs]
+        t0 = time.thread_time()
+        out = [((_mix(len(r.prompt_ids), r.prompt_ids[-1]) % 200) - 100) / 100.0 for r in reqs]
+        self.cpu_s += time.thread_time() - t0
+        return out
 
     def close(self) -> None:
         pass
@@ -134,17 +260,27 @@ def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
                        error_threshold=1, pipeline=pipeline, concurrent_trees=args.trees,
                        reference_engine=args.reference)
     problems = [_P(f"q{i}", f"Problem {i}: compute {i} mod 3.", str(i % 3)) for i in range(args.trees)]
-    gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens)
+    gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad)
     scorer = HashScorer() if args.value != "terminal" else None
-    s = Searcher(gen, scorer, cfg, sandbox=InstantSandbox(), grader=StrGrader())
+    sandbox, grader = InstantSandbox(), StrGrader()
+    s = Searcher(gen, scorer, cfg, sandbox=sandbox, grader=grader)
+    out = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        out = os.path.join(args.out, f"{pipeline}-{os.getpid()}-{time.time_ns()}.jsonl")
     c0, w0 = time.process_time(), time.perf_counter()
-    res = s.run(problems, progress=False)
+    res = s.run(problems, out, progress=False)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    stand = (gen.cpu_s + gen.tokenizer.cpu_s + (scorer.cpu_s if scorer is not None else 0.0) + grader.cpu_s
+             + sandbox.cpu_s)
     nodes = sum(len(r.record["nodes"]) for r in res)
     return {"pipeline": pipeline, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "cpu_share": round(cpu / wall, 4), "loop_s": round(s.stats.loop_s, 3),
+            "cpu_share": round(cpu / wall, 4), "standin_cpu_s": round(stand, 3),
+            "search_cpu_s": round(cpu - stand, 3), "search_share": round((cpu - stand) / wall, 4),
+            "loop_s": round(s.stats.loop_s, 3),
             "tokens_per_s": round(s.stats.tokens / wall, 1), "problems_per_s": round(len(res) / wall, 2),
-            "nodes": nodes, "expansions": s.stats.expansions, "engine": type(s.forest).__name__}
+            "nodes": nodes, "expansions": s.stats.expansions, "engine": type(s.forest).__name__,
+            "loadavg": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,16 +293,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-ms", type=float, default=200.0, help="per-request latency")
     p.add_argument("--per-token-ms", type=float, default=10.0, help="per generated token (decode step)")
     p.add_argument("--step-tokens", type=int, default=64)
+    p.add_argument("--pad", default="code", choices=sorted(PADS), help="step body filler (see PADS)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per pipeline (alternating); medians reported")
     p.add_argument("--reference", action="store_true", help="pure-Python engine (when _core is not built)")
+    p.add_argument("--out", default=None, help="also write the JSONL records (with fsync) into this directory")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = [run_once("async", args), run_once("lockstep", args)]
-    print(f"{'pipeline':<9} {'wall s':>8} {'cpu s':>7} {'cpu %':>6} {'tok/s':>9} {'prob/s':>7} {'nodes':>7}")  # noqa: T201
+    rows = []
+    for _ in range(args.repeat):
+        rows += [run_once("async", args), run_once("lockstep", args)]
+    print(f"{'pipeline':<9} {'wall s':>7} {'cpu s':>6} {'cpu %':>6} {'stand-in s':>10} {'search s':>8} "  # noqa: T201
+          f"{'search %':>8} {'tok/s':>7} {'prob/s':>6} {'nodes':>6} {'load':>5}")
     for r in rows:
-        print(f"{r['pipeline']:<9} {r['wall_s']:>8.2f} {r['cpu_s']:>7.2f} {100 * r['cpu_share']:>5.1f}% "  # noqa: T201
-              f"{r['tokens_per_s']:>9.0f} {r['problems_per_s']:>7.2f} {r['nodes']:>7}")
-    print(f"engine: {rows[0]['engine']}; async speed-up {rows[1]['wall_s'] / rows[0]['wall_s']:.2f}x")  # noqa: T201
+        print(f"{r['pipeline']:<9} {r['wall_s']:>7.2f} {r['cpu_s']:>6.3f} {100 * r['cpu_share']:>5.2f}% "  # noqa: T201
+              f"{r['standin_cpu_s']:>10.3f} {r['search_cpu_s']:>8.3f} {100 * r['search_share']:>7.2f}% "
+              f"{r['tokens_per_s']:>7.0f} {r['problems_per_s']:>6.1f} {r['nodes']:>6} {r['loadavg']:>5.2f}")
+    med = {pl: {k: statistics.median(r[k] for r in rows if r["pipeline"] == pl)
+                for k in ("wall_s", "cpu_share", "search_share")} for pl in ("async", "lockstep")}
+    print(f"engine: {rows[0]['engine']}; medians: search % async {100 * med['async']['search_share']:.2f}, "  # noqa: T201
+          f"lockstep {100 * med['lockstep']['search_share']:.2f}; "
+          f"async speed-up {med['lockstep']['wall_s'] / med['async']['wall_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -256,3 +256,106 @@ def test_resume_skips_finished(tmp_path) -> None:
     asked = {gen.tokenizer.decode(r.prompt_ids).split("\n")[1] for r in gen.requests}
     assert asked == {p.question for p in QUESTIONS[5:]}
     assert allres[0].record == first[0].record
+
+
+# --------------------------------------------------------------------------- driver internals
+class SuspendingSandbox(FakeSandbox):
+    """Code runs after real suspensions (a timer and a bare yield), as a pooled sandbox's
+    ``arun`` does: the driver's eager start hands these to tasks."""
+
+    async def arun(self, program: str):
+        import asyncio
+
+        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
+        return self.run(program)
+
+
+@pytest.mark.parametrize("pipeline", ["async", "lockstep"])
+def test_mcts_matches_official_with_suspending_sandbox(pipeline: str) -> None:
+    cfg = mcts_cfg(value="ppm_init", pipeline=pipeline)
+    results, _ = run(cfg, QUESTIONS[:6], scorer=FakeScorer(), sandbox=SuspendingSandbox())
+    for p, res in zip(QUESTIONS[:6], results):
+        check_tree(res.record)
+        ref = reference_tree(p, cfg)
+        for i, r in enumerate(ref):
+            r.order = i
+        assert_same_as_official(res.record, ref)
+
+
+def test_normalise_program_is_the_line_rule() -> None:
+    """The program normaliser = drop blank lines (``strip()`` empty) at both ends of
+    ``split("\\n")``, join, one final newline; checked on random strings."""
+    import random
+
+    from rstar.search.steps import normalise_program
+
+    def by_lines(program: str) -> str:
+        lines = program.split("\n")
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    alphabet = ["\n", " ", "\t", "\r", "\x0b", "\x1c", "\u2028", "a", "#", "x = 1", "\n\n", "  \n"]
+    rnd = random.Random(0)
+    for _ in range(50_000):
+        s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12)))
+        assert normalise_program(s) == by_lines(s), repr(s)
+
+
+def test_classify_step_agrees_with_parse_step() -> None:
+    from rstar.search.steps import classify_step, parse_step
+
+    texts = ["\nx = 1\n<end_of_step>", "\nprint(1)\n<end_of_code>", "\n<answer>so \\boxed{3}\n<end_of_answer>",
+             "\n<answer>none\n<end_of_answer>", "\nx = 1", "<code>\ny = 2\n<end_of_code>\n<output>2<end_of_output>",
+             "\nz = 3\n<end_of_output>", "\\boxed{4}"]
+    for text in texts:
+        for stop in (None, "<end_of_step>", "<end_of_code>", "<end_of_answer>", "<end_of_output>"):
+            p = parse_step(text, stop)
+            assert classify_step(text, stop) == (p.kind, p.closes_block, p.answer)
+
+
+@pytest.mark.parametrize("pipeline", ["async", "lockstep"])
+def test_scorer_error_reaches_the_caller(pipeline: str) -> None:
+    class Boom(FakeScorer):
+        def score(self, requests):
+            raise RuntimeError("scorer down")
+
+    with pytest.raises(RuntimeError, match="scorer down"):
+        run(mcts_cfg(value="ppm", pipeline=pipeline), QUESTIONS[:3], scorer=Boom())
+
+
+def test_gc_threshold_raised_while_searching_then_restored() -> None:
+    import gc
+
+    seen: list[int] = []
+
+    class Watch(FakeSandbox):
+        def run(self, program):
+            seen.append(gc.get_threshold()[0])
+            return super().run(program)
+
+    before = gc.get_threshold()
+    run(mcts_cfg(), QUESTIONS[:2], sandbox=Watch())
+    assert gc.get_threshold() == before
+    raised = before[0] if before[0] == 0 or before[0] >= Searcher.gc_threshold else Searcher.gc_threshold
+    assert seen and set(seen) == {raised}
+
+
+def test_result_writer_appends_batches_and_cuts_a_torn_line(tmp_path) -> None:
+    from rstar.search.driver import ResultWriter
+
+    path = tmp_path / "o.jsonl"
+    w = ResultWriter(path)
+    w.write_many([{"id": "a", "x": 1}, {"id": "b", "x": 2}])
+    w.write({"id": "c", "x": 3})
+    w.close()
+    with open(path, "ab") as f:
+        f.write(b'{"id": "d", "x"')
+    w = ResultWriter(path)
+    assert sorted(w.done) == ["a", "b", "c"]
+    w.write_many([{"id": "d", "x": 4}])
+    w.close()
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c", "d"]

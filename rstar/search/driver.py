@@ -23,11 +23,16 @@ leaf; values come from terminal grading (+-1 backed up), PPM initialisation, or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +46,20 @@ from rstar.search.prompts import build_prompt, encode_continuation, encode_promp
 from rstar.search.steps import (
     END_OF_ANSWER,
     StepKind,
-    block_program,
+    classify_step,
+    closes_block,
     next_error_count,
+    normalise_program,
     observation_text,
-    parse_step,
+    step_code,
 )
 
 logger = logging.getLogger(__name__)
 
 _LOCAL_MASK = 0xFFFFFFFF
+_KIND_NAME = {k: k.value for k in StepKind}
+_CODE, _ANSWER = StepKind.CODE, StepKind.ANSWER
+_MISSING = object()
 
 
 # --------------------------------------------------------------------------- node store
@@ -59,10 +69,11 @@ class _Node:
     __slots__ = (
         "parent", "depth", "text", "ids", "kind", "terminal", "valid", "reason", "answer",
         "correct", "ppm", "reward", "exec_ok", "exec_status", "timed_out", "errors", "closes",
-        "eid", "local", "rollout",
+        "eid", "local", "rollout", "code", "bcode", "full",
     )
 
-    def __init__(self, parent: int, depth: int, text: str, ids: list[int], kind: str) -> None:
+    def __init__(self, parent: int, depth: int, text: str, ids: list[int], kind: str, errors: int = 0,
+                 rollout: int = 0) -> None:
         self.parent = parent
         self.depth = depth
         self.text = text
@@ -78,11 +89,14 @@ class _Node:
         self.exec_ok: bool | None = None
         self.exec_status: str | None = None
         self.timed_out = False
-        self.errors = 0
+        self.errors = errors  # consecutive failing code steps ending here
         self.closes = False
         self.eid = -1
         self.local = 0
-        self.rollout = 0  # rollouts started in its tree when it was created (anytime metrics)
+        self.rollout = rollout  # rollouts started in its tree when it was created (anytime metrics)
+        self.code = ""  # step_code(text) of a code step, as generated
+        self.bcode: str | bool | None = None  # its part of its block's code (see _block_code)
+        self.full: list[int] | None = None  # prompt + path ids through it, while a rollout may continue here
 
     def invalidate(self, reason: str) -> None:
         self.terminal = True
@@ -94,13 +108,15 @@ class _Tree:
     __slots__ = (
         "key", "index", "problem", "tid", "nodes", "prompt_ids", "started", "in_flight", "closed",
         "root_expanded", "beam_jobs", "level", "width", "finished", "t0", "tokens", "execs",
-        "expansions", "finalizing",
+        "expansions", "finalizing", "pid", "seed_prefix",
     )
 
     def __init__(self, key: int, index: int, problem: Any, prompt_ids: list[int]) -> None:
         self.key = key
         self.index = index
         self.problem = problem
+        self.pid = str(problem.id)
+        self.seed_prefix = ""  # f"{base seed}|{pid}|" (set by the searcher)
         self.tid = -1
         root = _Node(-1, 0, "", [], "root")
         self.nodes: list[_Node] = [root]
@@ -173,9 +189,9 @@ class SearchStats:
 class ResultWriter:
     """Append-only JSONL of finished problems, safe against kills at any moment.
 
-    Each problem is one ``os.write`` of one full line on an ``O_APPEND`` descriptor, then
-    fsync. On open, a torn last line (a kill mid-write) is cut off, and the ids already
-    present are skipped by the search."""
+    Each problem is one full line; the problems finished together are appended with one
+    ``os.write`` on an ``O_APPEND`` descriptor, then one fsync. On open, a torn last line
+    (a kill mid-write) is cut off, and the ids already present are skipped by the search."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -210,12 +226,21 @@ class ResultWriter:
                 os.fsync(f.fileno())
 
     def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        n = os.write(self._fd, line)
-        if n != len(line):  # pragma: no cover - regular files write fully
+        self.write_many([record])
+
+    def write_many(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append ``records`` (one line each) with one ``os.write`` and one fsync: a kill
+        leaves whole lines plus at most one torn last line, which ``_recover`` cuts."""
+        if not records:
+            return
+        dumps = json.dumps
+        data = "".join([dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records]).encode()
+        n = os.write(self._fd, data)
+        if n != len(data):  # pragma: no cover - regular files write fully
             raise OSError(f"short write to {self.path}")
         os.fsync(self._fd)
-        self.done[str(record["id"])] = record
+        for r in records:
+            self.done[str(r["id"])] = r
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -225,58 +250,164 @@ class ResultWriter:
 
 # --------------------------------------------------------------------------- batching
 class _Batcher:
-    """Collects items submitted by many coroutines and runs ``fn`` on them in a worker
-    thread, one batch at a time, so PPM scoring and grading overlap with generation."""
+    """Collects items submitted from many places and runs ``fn`` on them in its own worker
+    thread, one batch at a time (whole submissions, up to ``max_batch`` items), so PPM
+    scoring and grading overlap with generation.
 
-    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch: int = 4096) -> None:
+    ``put(items, done)`` hands the results to ``done`` (called on the event loop with the
+    list of results, or with the exception ``fn`` raised): no future and no task per
+    submission. ``submit(items)`` is the awaitable form. What is submitted during one
+    event-loop step (and while a batch runs) goes out together; the batch state lives on
+    the event loop's thread, the worker only runs ``fn`` (one queue put there, one
+    ``call_soon_threadsafe`` back per batch)."""
+
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch: int = 4096, name: str = "batch") -> None:
         self.fn = fn
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[list[Any], asyncio.Future[list[Any]]]] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.name = name
+        self._queue: deque[tuple[list[Any], Callable[[Any], None]]] = deque()
+        self._busy = False
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: queue.SimpleQueue[Any] | None = None
+
+    def put(self, items: list[Any], done: Callable[[Any], None]) -> None:
+        self._queue.append((items, done))
+        if not self._busy and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
 
     async def submit(self, items: list[Any]) -> list[Any]:
         if not items:
             return []
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run())
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((items, fut))
+
+        def done(res: Any) -> None:
+            if fut.done():
+                return
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+        self.put(items, done)
         return await fut
 
-    async def _run(self) -> None:
-        assert self._queue is not None
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        q = self._queue
+        if self._busy or not q:
+            return
+        batch = [q.popleft()]
+        total = len(batch[0][0])
+        while q and total < self.max_batch:
+            item = q.popleft()
+            batch.append(item)
+            total += len(item[0])
+        flat = batch[0][0] if len(batch) == 1 else [x for items, _ in batch for x in items]
+        if self._jobs is None:
+            self._loop = asyncio.get_running_loop()
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(self._jobs, self._loop), name=f"rstar-search-{self.name}",
+                             daemon=True).start()
+        self._busy = True
+        self._jobs.put((flat, batch))
+
+    def _work(self, jobs: queue.SimpleQueue[Any], loop: asyncio.AbstractEventLoop) -> None:
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            total = len(first[0])
-            while not self._queue.empty() and total < self.max_batch:
-                item = self._queue.get_nowait()
-                batch.append(item)
-                total += len(item[0])
-            flat = [x for items, _ in batch for x in items]
+            job = jobs.get()
+            if job is None:
+                return
+            flat, batch = job
             try:
-                out = await asyncio.to_thread(self.fn, flat)
-            except Exception as exc:  # hand the error to every waiter
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+                out, exc = self.fn(flat), None
+            except BaseException as e:  # noqa: BLE001 - handed to every submitter
+                out, exc = None, e
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch, out, exc)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _deliver(self, batch: list[tuple[list[Any], Callable[[Any], None]]], out: Any,
+                 exc: BaseException | None) -> None:
+        self._busy = False
+        if exc is not None:
+            for _, done in batch:
+                done(exc)
+        else:
             pos = 0
-            for items, fut in batch:
-                if not fut.done():
-                    fut.set_result(list(out[pos : pos + len(items)]))
+            for items, done in batch:
+                done(out[pos : pos + len(items)])
                 pos += len(items)
+        if self._queue:
+            self._dispatch()
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._task = None
-        self._queue = None
+        if self._jobs is not None:
+            self._jobs.put(None)
+        self._jobs = None
+        self._loop = None
+        self._busy = False
+        self._scheduled = False
+        self._queue.clear()
+
+
+class _Inbox:
+    """What the async main loop waits for: finished jobs, finished records and errors,
+    appended by the job tasks and the batchers' callbacks; the loop takes them all at once
+    (one waiter future per wait, not a queue operation per item)."""
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: tuple[str, Any]) -> None:
+        self.items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self) -> list[tuple[str, Any]]:
+        if not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self.items = self.items, []
+        return items
+
+
+@contextlib.contextmanager
+def _gc_threshold(threshold0: int | None) -> Any:
+    old = gc.get_threshold()
+    if threshold0 is None or old[0] == 0 or old[0] >= threshold0:  # 0: automatic GC is off
+        yield
+        return
+    gc.set_threshold(threshold0, *old[1:])
+    try:
+        yield
+    finally:
+        if gc.get_threshold()[0] == threshold0:  # unless someone changed it meanwhile
+            gc.set_threshold(*old)
+
+
+def _start_eager(coro: Any) -> tuple[bool, Any]:
+    """Schedule a coroutine: ``(False, task)``. (An eager variant that stepped the coroutine
+    by hand until its first suspension broke on futures from ``asyncio.wrap_future``
+    resumed before completion; a correct one is Python 3.12's ``eager_task_factory``.)"""
+    return False, asyncio.get_running_loop().create_task(coro)
 
 
 def _request_seed(base: int, pid: str, leaf: int, attempt: int) -> int:
-    h = hashlib.blake2b(f"{base}|{pid}|{leaf}|{attempt}".encode(), digest_size=4).digest()
+    return _seed_of(f"{base}|{pid}|", leaf, attempt)
+
+
+def _seed_of(prefix: str, leaf: int, attempt: int) -> int:
+    """``_request_seed`` with ``f"{base}|{pid}|"`` formatted once per tree."""
+    h = hashlib.blake2b(f"{prefix}{leaf}|{attempt}".encode(), digest_size=4).digest()
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
@@ -288,7 +419,16 @@ class Searcher:
     prompts); ``scorer`` implements ``rstar.backends.Scorer`` (the PPM; required by the
     PPM-guided configs); ``sandbox`` defaults to ``rstar.sandbox.Sandbox(config.sandbox)``
     and ``grader`` to ``rstar.grading.Grader()`` (both closed by ``close`` only when created
-    here)."""
+    here).
+
+    ``gc_threshold``: while ``run`` / ``arun`` runs, CPython's generation-0 GC threshold is
+    raised to at least this (and restored after). The search allocates many short-lived
+    containers (requests and their token-id lists live for one generation latency); with
+    the default threshold (700) the cyclic collector runs every few milliseconds and walks
+    every in-flight token-id list each time, a large share of the search's CPU. ``None``
+    leaves the collector alone."""
+
+    gc_threshold: int | None = 100_000
 
     def __init__(
         self,
@@ -337,8 +477,17 @@ class Searcher:
         self._trees: dict[int, _Tree] = {}
         self._next_key = 0
         self._obs_cache: dict[str, list[int]] = {}
-        self._exported: dict[int, dict[str, list[Any]]] = {}
+        self._exported: dict[int, tuple[list[int], list[float]]] = {}
         self._cfg_dict = to_dict(self.cfg)
+        self._stops = tuple(self.cfg.generation.stop)
+        self._inbox = _Inbox()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # which valid children the PPM scores, per job kind: (non-terminal, terminal)
+        ppm_q = self.cfg.value in ("ppm", "ppm_init")
+        self._score_rule = {"mcts": (ppm_q, self.cfg.value == "ppm"), "beam": (True, True), "chain": (False, True)}
+        # answer extraction (rstar.grading) is imported on first use by the step parser:
+        # import it now, with the searcher, rather than inside the first expansion
+        classify_step("\\boxed{0}", END_OF_ANSWER)
 
     # ------------------------------------------------------------------ public API
     def run(self, problems: Sequence[Any], out: str | Path | None = None, *,
@@ -364,14 +513,15 @@ class Searcher:
         if writer is not None and len(todo) < len(problems):
             logger.info("resuming: %d of %d problems already done", len(problems) - len(todo), len(problems))
         bar = _Progress(len(problems), len(problems) - len(todo), self.stats, enabled=progress)
-        self._grade_b = _Batcher(self._grade_fn)
-        self._score_b = _Batcher(self._score_fn, max_batch=1024)
+        self._grade_b = _Batcher(self._grade_fn, name="grade")
+        self._score_b = _Batcher(self._score_fn, max_batch=1024, name="score")
         t0 = time.perf_counter()
         try:
-            if self.cfg.pipeline == "async":
-                await self._run_async(todo, writer, results, bar)
-            else:
-                await self._run_lockstep(todo, writer, results, bar)
+            with _gc_threshold(self.gc_threshold):
+                if self.cfg.pipeline == "async":
+                    await self._run_async(todo, writer, results, bar)
+                else:
+                    await self._run_lockstep(todo, writer, results, bar)
         finally:
             self._grade_b.close()
             self._score_b.close()
@@ -399,12 +549,15 @@ class Searcher:
             text = build_prompt(p.question, "", self.cfg.prompt, tokenizer=self.tok)
             key = self._next_key
             self._next_key += 1
-            trees.append(_Tree(key, index, p, encode_prompt(self.tok, text)))
+            t = _Tree(key, index, p, encode_prompt(self.tok, text))
+            t.seed_prefix = f"{self.cfg.seed}|{t.pid}|"
+            trees.append(t)
         if trees:
             tids = self.forest.add_trees(np.array([t.key << 32 for t in trees], dtype=np.uint64))
-            for t, tid in zip(trees, tids.tolist()):
-                t.tid = int(tid)
-                t.nodes[0].eid = int(self.forest.roots([tid])[0])
+            roots = self.forest.roots(tids).tolist()
+            for t, tid, root in zip(trees, tids.tolist(), roots):
+                t.tid = tid
+                t.nodes[0].eid = root
                 self._trees[t.key] = t
         return trees
 
@@ -481,64 +634,102 @@ class Searcher:
 
     # ------------------------------------------------------------------ step logic
     def _request(self, job: _Job) -> Any:
+        """The generation request of a job: the prompt is the tree's prompt ids followed by
+        the stored ids of every node on the engine's path (no text is re-tokenized)."""
         t = job.tree
-        ids = list(t.prompt_ids)
-        for local in job.path[1:]:
-            ids.extend(t.nodes[local].ids)
-        job.prompt_ids = ids
+        ids = job.prompt_ids  # set by _continue when the leaf's PPM request built it already
+        if not ids:
+            nodes = t.nodes
+            ids = t.prompt_ids.copy()
+            path = job.path
+            for k in range(1, len(path)):
+                ids += nodes[path[k]].ids
+            job.prompt_ids = ids
         g = self.cfg.generation
-        return self._GenReq(
-            prompt_ids=ids, n=job.n, temperature=g.temperature, top_p=g.top_p,
-            max_new_tokens=g.max_new_tokens, stop=tuple(g.stop),
-            seed=_request_seed(self.cfg.seed, str(t.problem.id), job.leaf, t.expansions),
-        )
+        return self._GenReq(prompt_ids=ids, n=job.n, temperature=g.temperature, top_p=g.top_p,
+                            max_new_tokens=g.max_new_tokens, stop=self._stops,
+                            seed=_seed_of(t.seed_prefix, job.leaf, t.expansions))
+
+    def _block_code(self, job: _Job) -> str:
+        """The code of the current block on the job's path (``steps.block_code`` of the path
+        texts), shared by the job's candidates' programs. Each node's part is worked out
+        once, the first time a path through it needs it (its text and execution status
+        are final by then): False when its text closes a block, "" when it is skipped
+        (``skip_failed_code``), else the step's code."""
+        nodes = job.tree.nodes
+        mode = self.cfg.skip_failed_code
+        parts = []
+        i = job.leaf
+        while i > 0:
+            n = nodes[i]
+            bc = n.bcode
+            if bc is None:
+                if closes_block(n.text):
+                    bc = False
+                elif (mode == "timeout" and n.timed_out) or (mode == "all" and n.exec_ok is False):
+                    bc = ""
+                else:
+                    bc = n.code if n.code else step_code(n.text)
+                n.bcode = bc
+            if bc is False:
+                break
+            if bc:
+                parts.append(bc)
+            i = n.parent
+        if not parts:
+            return ""
+        if len(parts) == 1:
+            return parts[0]  # type: ignore[return-value]
+        parts.reverse()
+        return "".join(parts)  # type: ignore[arg-type]
 
     def _candidates(self, job: _Job, completions: Sequence[Any]) -> list[tuple[_Node, str]]:
         """Parse, dedup and collapse the completions; returns (node, program) for code steps."""
         t0 = time.perf_counter()
         cfg = self.cfg
-        comps = list(completions)
-        job.tree.tokens += sum(len(c.token_ids) for c in comps)
-        self.stats.tokens += sum(len(c.token_ids) for c in comps)
-        if cfg.answer_collapse:
-            for c in comps:
-                if c.stop == END_OF_ANSWER:
-                    comps = [c]
-                    break
-        seen: set[str] = set()
-        depth = job.depth + 1
         tree = job.tree
-        parent = tree.nodes[job.leaf]
-        path_texts = [tree.nodes[i].text for i in job.path[1:]]
-        skip = None
-        if cfg.skip_failed_code == "timeout":
-            skip = [tree.nodes[i].timed_out for i in job.path[1:]]
-        elif cfg.skip_failed_code == "all":
-            skip = [tree.nodes[i].exec_ok is False for i in job.path[1:]]
+        ntok = 0
+        answer_stop = None
+        for c in completions:
+            ntok += len(c.token_ids)
+            if answer_stop is None and c.stop == END_OF_ANSWER:
+                answer_stop = c
+        tree.tokens += ntok
+        self.stats.tokens += ntok
+        comps = [answer_stop] if answer_stop is not None and cfg.answer_collapse else completions
+        seen: set[str] | None = set() if cfg.dedup else None
+        depth = job.depth + 1
+        too_deep = depth > cfg.max_depth
+        leaf = job.leaf
+        parent_errors = tree.nodes[leaf].errors
+        rollout = tree.started
+        block: str | None = None
         programs: list[tuple[_Node, str]] = []
         cands = []
         for c in comps:
-            if cfg.dedup:
-                if c.text in seen:
+            text = c.text
+            if seen is not None:
+                if text in seen:
                     continue
-                seen.add(c.text)
-            ps = parse_step(c.text, c.stop)
-            node = _Node(job.leaf, depth, c.text, list(c.token_ids), ps.kind.value)
-            node.errors = parent.errors
-            node.rollout = tree.started
-            if depth > cfg.max_depth:
-                node.invalidate("depth")
-            elif ps.kind is StepKind.ANSWER:
-                node.terminal = True
-                node.answer = ps.answer
-                if ps.answer is None:
-                    node.invalidate("no_answer")
-            elif ps.kind is StepKind.TRUNCATED:
-                node.invalidate("truncated")
-            else:
-                node.closes = ps.closes_block
-                programs.append((node, block_program(path_texts, c.text, skip)))
+                seen.add(text)
+            kind, closes, answer = classify_step(text, c.stop)
+            node = _Node(leaf, depth, text, list(c.token_ids), _KIND_NAME[kind], parent_errors, rollout)
             cands.append(node)
+            if too_deep:
+                node.invalidate("depth")
+            elif kind is _CODE:
+                node.closes = closes
+                if block is None:
+                    block = self._block_code(job)
+                node.code = code = step_code(text)
+                programs.append((node, normalise_program(block + code)))
+            elif kind is _ANSWER:
+                node.terminal = True
+                node.answer = answer
+                if answer is None:
+                    node.invalidate("no_answer")
+            else:
+                node.invalidate("truncated")
         job.cands = cands
         self.stats.step_s += time.perf_counter() - t0
         return programs
@@ -547,7 +738,11 @@ class Searcher:
         ok = bool(result.ok)
         node.exec_ok = ok
         status = getattr(result, "status", None)
-        node.exec_status = getattr(status, "value", str(status)) if status is not None else None
+        if status is None or type(status) is str:
+            node.exec_status = status
+        else:
+            value = getattr(status, "value", _MISSING)
+            node.exec_status = str(status) if value is _MISSING else value
         node.timed_out = node.exec_status == "timeout"
         node.errors = next_error_count(job.tree.nodes[job.leaf].errors, ok)
         job.tree.execs += 1
@@ -564,30 +759,59 @@ class Searcher:
         if node.errors >= self.cfg.error_threshold:
             node.invalidate("errors")
 
+    async def _execute(self, programs: list[str], *, batch: bool = False) -> list[Any]:
+        """Run ``programs`` concurrently and return their results in order.
+
+        With ``batch`` (lock-step: every program of the step at once) and a sandbox with
+        ``run_many`` (``rstar.sandbox.Sandbox`` has it), one call in a worker thread.
+        Otherwise every ``arun`` is started eagerly: it runs here until it first suspends
+        (a real sandbox submits the program to its pool there), and only one that did
+        suspend gets a task; all are started before any is awaited. (The async pipeline
+        never blocks a worker thread per job: the default executor has few threads.)"""
+        if batch and len(programs) > 1:
+            run_many = getattr(self.sandbox, "run_many", None)
+            if run_many is not None:
+                return list(await asyncio.to_thread(run_many, programs))
+        arun = self.sandbox.arun
+        out: list[Any] = []
+        waiting: list[tuple[int, asyncio.Task[Any]]] = []
+        try:
+            for i, p in enumerate(programs):
+                done, value = _start_eager(arun(p))
+                if done:
+                    out.append(value)
+                else:
+                    out.append(None)
+                    waiting.append((i, value))
+            for i, task in waiting:
+                out[i] = await task
+        except BaseException:
+            for _, task in waiting:
+                if not task.cancel() and not task.cancelled():
+                    task.exception()  # retrieved: no "never retrieved" warning
+            raise
+        return out
+
     def _needs_grade_now(self, job: _Job) -> bool:
         return job.kind == "mcts" and self.cfg.value in ("terminal", "ppm_init")
 
+    def _grade_targets(self, job: _Job) -> list[_Node]:
+        if not self._needs_grade_now(job):
+            return []
+        return [c for c in job.cands if c.valid and c.terminal and c.answer is not None]
+
     def _to_score(self, job: _Job) -> list[_Node]:
+        """The children the PPM scores: valid ones; mcts: non-terminal ones with ``ppm`` /
+        ``ppm_init`` values, terminal ones with ``ppm``; beam: all; chains: the answer step
+        (best-of-N by PPM)."""
         if self.scorer is None:
             return []
-        cfg = self.cfg
-        out = []
-        for c in job.cands:
-            if not c.valid:
-                continue
-            if job.kind == "mcts":
-                if not c.terminal and cfg.value in ("ppm", "ppm_init"):
-                    out.append(c)
-                elif c.terminal and cfg.value == "ppm":
-                    out.append(c)
-            elif job.kind == "beam":
-                out.append(c)
-            elif c.terminal:  # chains: the answer step's value (best-of-N by PPM)
-                out.append(c)
-        return out
+        nonterminal, terminal = self._score_rule[job.kind]
+        return [c for c in job.cands if c.valid and (terminal if c.terminal else nonterminal)]
 
     def _score_request(self, job: _Job, node: _Node) -> Any:
-        return self._ScoreReq(prompt_ids=job.prompt_ids + node.ids)
+        node.full = ids = job.prompt_ids + node.ids
+        return self._ScoreReq(prompt_ids=ids)
 
     def _grade_fn(self, pairs: list[tuple[str, str]]) -> list[bool]:
         return list(self.grader.grade_many([p for p, _ in pairs], [g for _, g in pairs]))
@@ -595,51 +819,185 @@ class Searcher:
     def _score_fn(self, reqs: list[Any]) -> list[float]:
         return [float(v) for v in self.scorer.score(reqs)]
 
-    # async pipeline: one coroutine per job ------------------------------------------
-    async def _job_task(self, job: _Job, ready: asyncio.Queue[Any]) -> None:
-        try:
-            comps = await self.gen.agenerate(self._request(job))
-            programs = self._candidates(job, comps)
-            if programs:
-                results = await asyncio.gather(*(self.sandbox.arun(p) for _, p in programs))
-                for (node, _), r in zip(programs, results):
-                    self._apply_exec(job, node, r)
-            await self._post(job)
-            ready.put_nowait(("job", job))
-        except BaseException as exc:  # the main loop re-raises
-            ready.put_nowait(("error", exc))
-            if not isinstance(exc, Exception):
-                raise
-
-    async def _post(self, job: _Job) -> None:
-        """Grade (when values need it) and PPM-score the children of one job."""
-        gold = str(job.tree.problem.answer)
-        if self._needs_grade_now(job):
-            targets = [c for c in job.cands if c.valid and c.terminal and c.answer is not None]
-            if targets:
-                res = await self._grade_b.submit([(c.answer, gold) for c in targets])
-                for c, ok in zip(targets, res):
-                    c.correct = bool(ok)
-        scored = self._to_score(job)
-        if scored:
-            vals = await self._score_b.submit([self._score_request(job, c) for c in scored])
+    async def _post_batch(self, jobs: list[_Job]) -> None:
+        """Grade (when values need it) and PPM-score the children of many jobs: one
+        grading submission, then the scoring requests in batches of ``max_batch``."""
+        targets: list[_Node] = []
+        pairs: list[tuple[str, str]] = []
+        for j in jobs:
+            found = self._grade_targets(j)
+            if found:
+                gold = str(j.tree.problem.answer)
+                targets += found
+                pairs += [(c.answer, gold) for c in found]
+        if pairs:
+            res = await self._grade_b.submit(pairs)
+            for c, ok in zip(targets, res):
+                c.correct = bool(ok)
+        scored: list[_Node] = []
+        reqs: list[Any] = []
+        for j in jobs:
+            for c in self._to_score(j):
+                scored.append(c)
+                reqs.append(self._score_request(j, c))
+        if reqs:
+            step = self._score_b.max_batch
+            vals: list[Any] = []
+            for i in range(0, len(reqs), step):
+                vals += await self._score_b.submit(reqs[i : i + step])
             for c, v in zip(scored, vals):
                 c.ppm = float(v)
 
+    # async pipeline ------------------------------------------------------------------
+    # One task per job only while its request is out (``agenerate``). What follows runs on
+    # the main loop over everything that arrived together: parsing, the code (each
+    # ``arun`` started eagerly; a job whose program did suspend waits in a task), then
+    # grading / PPM scoring through the batchers (one submission per group of jobs), then
+    # one commit.
+    async def _gen_task(self, job: _Job, req: Any) -> None:
+        try:
+            comps = await self.gen.agenerate(req)
+            self._inbox.put(("gen", (job, comps)))
+        except BaseException as exc:  # the main loop re-raises
+            self._inbox.put(("error", exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    def _run_generated(self, gens: list[tuple[_Job, Any]]) -> list[_Job]:
+        """Parse the completions and run the code of each job; returns the jobs whose code
+        has finished (the others finish in a task and come back as ``"exec"``)."""
+        done = []
+        arun = self.sandbox.arun
+        for job, comps in gens:
+            programs = self._candidates(job, comps)
+            waiting = None
+            try:
+                for node, program in programs:
+                    finished, value = _start_eager(arun(program))
+                    if finished:
+                        self._apply_exec(job, node, value)
+                    else:
+                        if waiting is None:
+                            waiting = []
+                        waiting.append((node, value))
+            except BaseException:
+                for _, task in waiting or ():
+                    task.cancel()
+                raise
+            if waiting is None:
+                done.append(job)
+            else:
+                self._tasks.add(asyncio.get_running_loop().create_task(self._exec_task(job, waiting)))
+        return done
+
+    async def _exec_task(self, job: _Job, waiting: list[tuple[_Node, asyncio.Task[Any]]]) -> None:
+        try:
+            for node, task in waiting:
+                self._apply_exec(job, node, await task)
+            self._inbox.put(("exec", job))
+        except BaseException as exc:
+            for _, task in waiting:
+                if not task.cancel() and not task.cancelled():
+                    task.exception()  # retrieved: no "never retrieved" warning
+            self._inbox.put(("error", exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    def _post(self, jobs: list[_Job]) -> list[_Job]:
+        """Grade (when values need it), then PPM-score the children of ``jobs`` through the
+        batchers; returns the jobs that need neither (the others come back as
+        ``"scored"`` when their values are in)."""
+        if self.cfg.mode == "mcts" and self.cfg.value in ("terminal", "ppm_init"):
+            targets: list[_Node] = []
+            pairs: list[tuple[str, str]] = []
+            graded: list[_Job] = []
+            rest: list[_Job] = []
+            for j in jobs:
+                found = self._grade_targets(j)
+                if found:
+                    gold = str(j.tree.problem.answer)
+                    targets += found
+                    pairs += [(c.answer, gold) for c in found]
+                    graded.append(j)
+                else:
+                    rest.append(j)
+            if graded:
+                def on_graded(res: Any) -> None:
+                    try:
+                        if isinstance(res, BaseException):
+                            raise res
+                        for c, ok in zip(targets, res):
+                            c.correct = bool(ok)
+                        now = self._score(graded)
+                        if now:
+                            self._inbox.put(("scored", now))
+                    except Exception as exc:  # noqa: BLE001 - handed to the main loop
+                        self._inbox.put(("error", exc))
+
+                self._grade_b.put(pairs, on_graded)
+                jobs = rest
+        return self._score(jobs)
+
+    def _score(self, jobs: list[_Job]) -> list[_Job]:
+        """Submit the PPM requests of ``jobs`` (groups of at most ``max_batch`` requests, one
+        submission each); returns the jobs with nothing to score."""
+        now: list[_Job] = []
+        if self.scorer is None:
+            return jobs
+        limit = self._score_b.max_batch
+        group: list[_Job] = []
+        nodes: list[_Node] = []
+        reqs: list[Any] = []
+        ScoreReq = self._ScoreReq
+        for j in jobs:
+            scored = self._to_score(j)
+            if not scored:
+                now.append(j)
+                continue
+            if reqs and len(reqs) + len(scored) > limit:
+                self._submit_scores(group, nodes, reqs)
+                group, nodes, reqs = [], [], []
+            group.append(j)
+            nodes += scored
+            prompt = j.prompt_ids
+            for c in scored:
+                c.full = ids = prompt + c.ids
+                reqs.append(ScoreReq(prompt_ids=ids))
+        if reqs:
+            self._submit_scores(group, nodes, reqs)
+        return now
+
+    def _submit_scores(self, group: list[_Job], nodes: list[_Node], reqs: list[Any]) -> None:
+        def done(vals: Any) -> None:
+            try:
+                if isinstance(vals, BaseException):
+                    raise vals
+                for c, v in zip(nodes, vals):
+                    c.ppm = float(v)
+            except Exception as exc:  # noqa: BLE001 - handed to the main loop
+                self._inbox.put(("error", exc))
+                return
+            self._inbox.put(("scored", group))
+
+        self._score_b.put(reqs, done)
+
     async def _run_async(self, todo: list[tuple[int, Any]], writer: ResultWriter | None,
                          results: dict[str, SearchResult], bar: _Progress) -> None:
-        ready: asyncio.Queue[Any] = asyncio.Queue()
-        tasks: set[asyncio.Task[Any]] = set()
+        inbox = self._inbox = _Inbox()
+        tasks = self._tasks = set()
+        loop = asyncio.get_running_loop()
         pending = list(reversed(todo))
-        inflight = 0
+        inflight = 0  # jobs launched and not committed + batches of finished trees being recorded
 
         def launch(jobs: list[_Job]) -> None:
             nonlocal inflight
             for j in jobs:
-                task = asyncio.ensure_future(self._job_task(j, ready))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                inflight += 1
+                tasks.add(loop.create_task(self._gen_task(j, self._request(j))))
+            inflight += len(jobs)
 
         def admit() -> list[_Tree]:
             take = []
@@ -664,58 +1022,73 @@ class Searcher:
                                 raise RuntimeError("search stalled with unfinished trees")
                             break
                         continue
-                item = await ready.get()
-                batch = [item]
-                while not ready.empty():
-                    batch.append(ready.get_nowait())
+                batch = await inbox.take()
                 t0 = time.perf_counter()
-                jobs = []
+                jobs: list[_Job] = []
+                gens: list[tuple[_Job, Any]] = []
+                executed: list[_Job] = []
+                finals: list[tuple[_Tree, dict[str, Any]]] = []
                 for kind, payload in batch:
-                    if kind == "error":
-                        raise payload
-                    if kind == "final":
+                    if kind == "gen":
+                        gens.append(payload)
+                    elif kind == "scored":
+                        jobs += payload
+                    elif kind == "exec":
+                        executed.append(payload)
+                    elif kind == "final":
                         inflight -= 1
-                        tree, rec = payload
-                        self._write(tree, rec, writer, results, bar)
-                        continue
-                    inflight -= 1
-                    jobs.append(payload)
-                touched = self._commit(jobs) if jobs else []
-                new_jobs = self._continue(jobs) if jobs else []
-                new_jobs += self._start(touched + admit())
-                launch(new_jobs)
-                for t in touched:
-                    if t.key in self._trees and not t.finalizing and self._tree_done(t):
-                        t.finalizing = True
+                        finals += payload
+                    else:
+                        raise payload
+                if finals:
+                    self._write_all(finals, writer, results, bar)
+                if gens:
+                    executed += self._run_generated(gens)
+                if executed:
+                    jobs += self._post(executed)
+                if jobs:
+                    inflight -= len(jobs)
+                    touched = self._commit(jobs)
+                    new_jobs = self._continue(jobs)
+                    new_jobs += self._start(touched + admit())
+                    launch(new_jobs)
+                    done_trees = [t for t in touched
+                                  if t.key in self._trees and not t.finalizing and self._tree_done(t)]
+                    if done_trees:
+                        for t in done_trees:
+                            t.finalizing = True
+                        self._release(done_trees)
                         inflight += 1
-                        self._release(t)
-                        asyncio.ensure_future(self._final_task(t, ready))
+                        tasks.add(loop.create_task(self._final_task(done_trees)))
                 self.stats.loop_s += time.perf_counter() - t0
                 bar.refresh()
         finally:
             for task in list(tasks):
                 task.cancel()
 
-    async def _final_task(self, tree: _Tree, ready: asyncio.Queue[Any]) -> None:
+    async def _final_task(self, trees: list[_Tree]) -> None:
         try:
-            rec = await self._record(tree)
-            ready.put_nowait(("final", (tree, rec)))
+            recs = await self._records(trees)
+            self._inbox.put(("final", list(zip(trees, recs))))
         except BaseException as exc:
-            ready.put_nowait(("error", exc))
+            self._inbox.put(("error", exc))
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _finish_all(self, writer: ResultWriter | None, results: dict[str, SearchResult],
                           bar: _Progress) -> bool:
         """Finalize every tree that is done; returns whether any was."""
         done = [t for t in self._trees.values() if not t.finalizing and self._tree_done(t)]
+        if not done:
+            return False
         for t in done:
             t.finalizing = True
-            self._release(t)
-        recs = await asyncio.gather(*(self._record(t) for t in done))
-        for t, rec in zip(done, recs):
-            self._write(t, rec, writer, results, bar)
-        return bool(done)
+        self._release(done)
+        recs = await self._records(done)
+        self._write_all(list(zip(done, recs)), writer, results, bar)
+        return True
 
     # lock-step pipeline ------------------------------------------------------------
     async def _run_lockstep(self, todo: list[tuple[int, Any]], writer: ResultWriter | None,
@@ -748,10 +1121,10 @@ class Searcher:
             for j, comps in zip(jobs, outs):
                 programs.extend((j, node, p) for node, p in self._candidates(j, comps))
             if programs:
-                res = await asyncio.gather(*(self.sandbox.arun(p) for _, _, p in programs))
+                res = await self._execute([p for _, _, p in programs], batch=True)
                 for (j, node, _), r in zip(programs, res):
                     self._apply_exec(j, node, r)
-            await asyncio.gather(*(self._post(j) for j in jobs))
+            await self._post_batch(jobs)
             t0 = time.perf_counter()
             self._commit(jobs)
             jobs = self._continue(jobs)
@@ -764,61 +1137,65 @@ class Searcher:
         backup_nodes, one mark_invalid and one cancel for the whole batch."""
         cfg = self.cfg
         f = self.forest
-        tickets, nch, payloads, terminal, rewards = [], [], [], [], []
+        value_ppm = cfg.value == "ppm"
+        pos_r, neg_r = cfg.positive_reward, cfg.negative_reward
+        payloads: list[int] = []
+        allc: list[_Node] = []
+        touched = {}
         for j in jobs:
             t = j.tree
-            base = len(t.nodes)
-            for i, c in enumerate(j.cands):
-                if c.terminal and c.valid:
-                    if j.kind == "mcts" and cfg.value == "ppm":
-                        c.reward = c.ppm if c.ppm is not None else 0.0
-                    elif j.kind == "mcts":
-                        c.reward = cfg.positive_reward if c.correct else cfg.negative_reward
-                c.local = base + i
-                payloads.append((t.key << 32) | (base + i))
-                terminal.append(c.terminal)
-                rewards.append(c.reward if c.reward is not None else 0.0)
-            t.nodes.extend(j.cands)
-            tickets.append(j.ticket)
-            nch.append(len(j.cands))
+            nodes = t.nodes
+            cands = j.cands
+            if j.kind == "mcts":
+                for c in cands:
+                    if c.terminal and c.valid:
+                        if value_ppm:
+                            c.reward = c.ppm if c.ppm is not None else 0.0
+                        else:
+                            c.reward = pos_r if c.correct else neg_r
+            base = len(nodes)
+            for local, c in enumerate(cands, base):
+                c.local = local
+            key = (t.key << 32) + base
+            payloads += range(key, key + len(cands))
+            nodes += cands
+            allc += cands
             t.expansions += 1
             if j.leaf == 0:
                 t.root_expanded = True
+            t.in_flight -= 1
+            touched[t.key] = t
         self.stats.expansions += len(jobs)
         self.stats.commits += 1
+        self.stats.nodes += len(allc)
+        tickets = np.array([j.ticket for j in jobs], dtype=np.uint64)
         first = f.expand(
-            np.array(tickets, dtype=np.uint64), np.array(nch, dtype=np.uint32),
-            payloads=np.array(payloads, dtype=np.uint64), terminal=np.array(terminal, dtype=bool),
-            rewards=np.array(rewards, dtype=np.float64),
+            tickets, np.array([len(j.cands) for j in jobs], dtype=np.uint32),
+            payloads=np.array(payloads, dtype=np.uint64),
+            terminal=np.array([c.terminal for c in allc], dtype=bool),
+            rewards=np.array([0.0 if c.reward is None else c.reward for c in allc], dtype=np.float64),
         ).tolist()
-        init_n, init_v, back_n, back_v, inv_n = [], [], [], [], []
-        for j, fc in zip(jobs, first):
-            for i, c in enumerate(j.cands):
-                c.eid = fc + i
-                if not c.valid:
-                    inv_n.append(c.eid)
-                elif j.kind == "mcts":
-                    if c.terminal:
-                        back_n.append(c.eid)
-                        back_v.append(c.reward)
-                    elif c.ppm is not None:
-                        init_n.append(c.eid)
-                        init_v.append(c.ppm)
-                elif c.ppm is not None:  # beam / chains: Q = PPM value of the step
-                    init_n.append(c.eid)
-                    init_v.append(c.ppm)
-            self.stats.nodes += len(j.cands)
-        if init_n:
-            f.set_values(np.array(init_n, dtype=np.uint32), np.array(init_v, dtype=np.float64))
-        if back_n:
-            f.backup_nodes(np.array(back_n, dtype=np.uint32), np.array(back_v, dtype=np.float64))
+        eids: list[int] = []
+        for j, eid in zip(jobs, first):
+            eids += range(eid, eid + len(j.cands))
+        for c, eid in zip(allc, eids):
+            c.eid = eid
+        inv_n = [c.eid for c in allc if not c.valid]
+        if cfg.mode == "mcts":  # terminal: backed up; non-terminal: PPM initialisation
+            back = [c for c in allc if c.valid and c.terminal]
+            init = [c for c in allc if c.valid and not c.terminal and c.ppm is not None]
+        else:  # beam / chains: Q = PPM value of the step
+            back = []
+            init = [c for c in allc if c.valid and c.ppm is not None]
+        if init:
+            f.set_values(np.array([c.eid for c in init], dtype=np.uint32),
+                         np.array([c.ppm for c in init], dtype=np.float64))
+        if back:
+            f.backup_nodes(np.array([c.eid for c in back], dtype=np.uint32),
+                           np.array([c.reward for c in back], dtype=np.float64))
         if inv_n:
             f.mark_invalid(np.array(inv_n, dtype=np.uint32), cfg.invalid_value)
-        f.cancel(np.array(tickets, dtype=np.uint64))
-        touched = {}
-        for j in jobs:
-            j.tree.in_flight -= 1
-            touched[j.tree.key] = j.tree
+        f.cancel(tickets)
         return list(touched.values())
 
     def _continue(self, jobs: list[_Job]) -> list[_Job]:
@@ -866,6 +1243,13 @@ class Searcher:
             for nj in self._jobs_from_selection(sel, kind="chain"):
                 nj.tree.in_flight += 1
                 out.append(nj)
+        for nj in out:  # a new leaf scored in this step: its PPM request built its prompt
+            full = nj.tree.nodes[nj.leaf].full
+            if full is not None:
+                nj.prompt_ids = full
+        for j in jobs:  # the children's prompt lists are not kept beyond this step
+            for c in j.cands:
+                c.full = None
         return out
 
     def _next_beam(self, t: _Tree) -> list[int]:
@@ -903,49 +1287,60 @@ class Searcher:
         return t.root_expanded or t.closed
 
     # ------------------------------------------------------------------ output
-    def _release(self, t: _Tree) -> None:
-        """Export the tree's statistics from the engine, then free its nodes."""
-        exp = self.forest.export_tree(t.tid)
-        n = len(t.nodes)
-        stats = {k: [None] * n for k in ("visits", "q", "init_value", "state")}
-        for pay, v, q, iv, st in zip(exp["payload"].tolist(), exp["visits"].tolist(), exp["q"].tolist(),
-                                     exp["init_value"].tolist(), exp["state"].tolist()):
-            i = pay & _LOCAL_MASK
-            stats["visits"][i] = v
-            stats["q"][i] = q
-            stats["init_value"][i] = None if iv != iv else iv
-            stats["state"][i] = st
-        self._exported[t.key] = stats
-        self.forest.release_trees(np.array([t.tid], dtype=np.uint32))
-        del self._trees[t.key]
+    def _release(self, trees: list[_Tree]) -> None:
+        """Read the trees' statistics from the engine (one ``node_stats`` call over all
+        their nodes), then free their nodes (one ``release_trees``)."""
+        eids = [c.eid for t in trees for c in t.nodes]
+        st = self.forest.node_stats(np.array(eids, dtype=np.uint32))
+        visits = st["visits"].tolist()
+        q = st["q"].tolist()
+        pos = 0
+        for t in trees:
+            n = len(t.nodes)
+            self._exported[t.key] = (visits[pos : pos + n], q[pos : pos + n])
+            pos += n
+        self.forest.release_trees(np.array([t.tid for t in trees], dtype=np.uint32))
+        for t in trees:
+            del self._trees[t.key]
 
-    async def _record(self, t: _Tree) -> dict[str, Any]:
+    async def _records(self, trees: list[_Tree]) -> list[dict[str, Any]]:
+        """The output records of released trees; the answers not graded yet are graded
+        first, all in one submission."""
+        if self.cfg.grade_answers:
+            todo: list[_Node] = []
+            pairs: list[tuple[str, str]] = []
+            for t in trees:
+                gold = str(t.problem.answer)
+                if not gold:
+                    continue
+                for c in t.nodes:
+                    if c.terminal and c.valid and c.answer is not None and c.correct is None:
+                        todo.append(c)
+                        pairs.append((c.answer, gold))
+            if pairs:
+                res = await self._grade_b.submit(pairs)
+                for c, ok in zip(todo, res):
+                    c.correct = bool(ok)
+        return [self._record(t) for t in trees]
+
+    def _record(self, t: _Tree) -> dict[str, Any]:
         cfg = self.cfg
-        gold = str(t.problem.answer)
-        todo = [c for c in t.nodes if c.terminal and c.valid and c.answer is not None and c.correct is None]
-        if todo and cfg.grade_answers and gold:
-            res = await self._grade_b.submit([(c.answer, gold) for c in todo])
-            for c, ok in zip(todo, res):
-                c.correct = bool(ok)
-        stats = self._exported.pop(t.key)
-        nodes = []
-        for i, c in enumerate(t.nodes):
-            nodes.append({
-                "id": i, "parent": c.parent, "depth": c.depth, "text": c.text,
-                "visits": stats["visits"][i], "q": stats["q"][i], "value": c.ppm,
-                "reward": c.reward, "terminal": c.terminal, "valid": c.valid, "reason": c.reason,
-                "kind": c.kind, "answer": c.answer, "correct": c.correct, "exec_ok": c.exec_ok,
-                "exec_status": c.exec_status, "errors": c.errors, "rollout": c.rollout,
-            })
-        answers = []
-        for i, c in enumerate(t.nodes):
-            if c.terminal and c.valid and c.answer is not None:
-                value = stats["q"][i] if cfg.mode == "mcts" else c.ppm
-                answers.append({"node": i, "answer": c.answer, "value": value, "ppm": c.ppm,
-                                "correct": c.correct})
+        visits, q = self._exported.pop(t.key)
+        nodes = [
+            {"id": i, "parent": c.parent, "depth": c.depth, "text": c.text, "visits": v, "q": qi, "value": c.ppm,
+             "reward": c.reward, "terminal": c.terminal, "valid": c.valid, "reason": c.reason, "kind": c.kind,
+             "answer": c.answer, "correct": c.correct, "exec_ok": c.exec_ok, "exec_status": c.exec_status,
+             "errors": c.errors, "rollout": c.rollout}
+            for i, c, v, qi in zip(range(len(visits)), t.nodes, visits, q)
+        ]
+        mcts = cfg.mode == "mcts"
+        answers = [
+            {"node": i, "answer": c.answer, "value": q[i] if mcts else c.ppm, "ppm": c.ppm, "correct": c.correct}
+            for i, c in enumerate(t.nodes) if c.terminal and c.valid and c.answer is not None
+        ]
         chosen = self._choose(t, answers)
         return {
-            "id": str(t.problem.id), "question": t.problem.question, "answer": gold,
+            "id": t.pid, "question": t.problem.question, "answer": str(t.problem.answer),
             "source": getattr(t.problem, "source", ""), "mode": cfg.mode, "config": self._cfg_dict,
             "nodes": nodes, "answers": answers, "chosen": chosen,
             "stats": {"nodes": len(t.nodes), "tokens": t.tokens, "execs": t.execs,
@@ -980,6 +1375,15 @@ class Searcher:
                 if key(a) > key(best):  # ties: the first terminal (creation order)
                     best = a
         return {"answer": best["answer"], "node": best["node"], "correct": best["correct"]}
+
+    def _write_all(self, items: list[tuple[_Tree, dict[str, Any]]], writer: ResultWriter | None,
+                   results: dict[str, SearchResult], bar: _Progress) -> None:
+        """Append the records finished together with one write and one fsync, then hand
+        each to ``_write`` (results, counters, progress; subclasses hook it)."""
+        if writer is not None:
+            writer.write_many([rec for _, rec in items])
+        for t, rec in items:
+            self._write(t, rec, None, results, bar)
 
     def _write(self, t: _Tree, rec: dict[str, Any], writer: ResultWriter | None,
                results: dict[str, SearchResult], bar: _Progress) -> None:

@@ -85,17 +85,21 @@ class ParsedStep:
         return self.kind is StepKind.CODE
 
 
+_extract_answer = None
+
+
 def _extract(text: str) -> str | None:
-    from rstar.grading import extract_answer
+    global _extract_answer
+    if _extract_answer is None:
+        from rstar.grading import extract_answer
 
-    return extract_answer(text)
+        _extract_answer = extract_answer
+    return _extract_answer(text)
 
 
-def parse_step(text: str, stop: str | None = None) -> ParsedStep:
-    """Classify one generated step (``text`` includes the stop string that ended it).
-
-    ``stop`` is the stop string reported by the backend (None when generation ended by
-    length or eos); when None it is inferred from the end of ``text``."""
+def classify_step(text: str, stop: str | None = None) -> tuple[StepKind, bool, str | None]:
+    """``(kind, closes_block, answer)`` of one generated step: what ``parse_step`` returns,
+    without building the ``ParsedStep`` (the search calls this once per candidate)."""
     if stop is None:
         stripped = text.rstrip()
         for s in (END_OF_ANSWER, END_OF_CODE, END_OF_STEP, END_OF_OUTPUT):
@@ -103,13 +107,21 @@ def parse_step(text: str, stop: str | None = None) -> ParsedStep:
                 stop = s
                 break
     if "boxed" in text or ANSWER in text or stop == END_OF_ANSWER:
-        return ParsedStep(text, StepKind.ANSWER, False, _extract(text))
-    if stop in (END_OF_STEP, END_OF_CODE, END_OF_OUTPUT):
+        return StepKind.ANSWER, False, _extract(text)
+    if stop == END_OF_STEP or stop == END_OF_CODE or stop == END_OF_OUTPUT:
         # A bootstrap model may close its block by writing <output> itself: treat the
         # block as closed (what it wrote after <end_of_code> is dropped by the program).
-        closes = END_OF_CODE in text or stop == END_OF_OUTPUT
-        return ParsedStep(text, StepKind.CODE, closes, None)
-    return ParsedStep(text, StepKind.TRUNCATED, False, None)
+        return StepKind.CODE, END_OF_CODE in text or stop == END_OF_OUTPUT, None
+    return StepKind.TRUNCATED, False, None
+
+
+def parse_step(text: str, stop: str | None = None) -> ParsedStep:
+    """Classify one generated step (``text`` includes the stop string that ended it).
+
+    ``stop`` is the stop string reported by the backend (None when generation ended by
+    length or eos); when None it is inferred from the end of ``text``."""
+    kind, closes, answer = classify_step(text, stop)
+    return ParsedStep(text, kind, closes, answer)
 
 
 def step_code(text: str) -> str:
@@ -129,12 +141,10 @@ def closes_block(text: str) -> bool:
     return END_OF_CODE in text or END_OF_OUTPUT in text
 
 
-def block_program(path_texts: Sequence[str], new_step: str, skip: Sequence[bool] | None = None) -> str:
-    """The program to execute for ``new_step``: the code of every step of the current block
-    (the steps after the last closed block on the path) followed by the new step's code.
-
-    ``skip[i]`` (optional) leaves out ``path_texts[i]`` (the official code skips steps whose
-    execution timed out, so one slow step does not doom the rest of the block)."""
+def block_code(path_texts: Sequence[str], skip: Sequence[bool] | None = None) -> str:
+    """The code of the current block so far: the code of every step after the last closed
+    block on the path (``skip[i]`` leaves out ``path_texts[i]``), concatenated. A new step's
+    program is ``block_step_program(block_code(path, skip), step)``."""
     start = 0
     for i in range(len(path_texts) - 1, -1, -1):
         if closes_block(path_texts[i]):
@@ -145,18 +155,50 @@ def block_program(path_texts: Sequence[str], new_step: str, skip: Sequence[bool]
         if skip is not None and skip[i]:
             continue
         parts.append(step_code(path_texts[i]))
-    parts.append(step_code(new_step))
-    return _normalise_program("".join(parts))
+    return "".join(parts)
 
 
-def _normalise_program(program: str) -> str:
-    # Steps start with "\n"; strip blank lines at the ends so the cache sees one key.
-    lines = program.split("\n")
-    while lines and not lines[0].strip():
-        lines.pop(0)
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return "\n".join(lines) + ("\n" if lines else "")
+def block_step_program(block: str, new_step: str) -> str:
+    """The program to execute for ``new_step`` after the block code ``block``."""
+    return _normalise_program(block + step_code(new_step))
+
+
+def block_program(path_texts: Sequence[str], new_step: str, skip: Sequence[bool] | None = None) -> str:
+    """The program to execute for ``new_step``: the code of every step of the current block
+    (the steps after the last closed block on the path) followed by the new step's code.
+
+    ``skip[i]`` (optional) leaves out ``path_texts[i]`` (the official code skips steps whose
+    execution timed out, so one slow step does not doom the rest of the block)."""
+    return block_step_program(block_code(path_texts, skip), new_step)
+
+
+def normalise_program(program: str) -> str:
+    """A program as executed: the blank lines at both ends removed, one final newline.
+
+    (The lines of ``program.split("\\n")`` whose ``strip()`` is empty are dropped from both
+    ends and the rest joined with ``"\\n"``, plus a final ``"\\n"``; steps start with
+    ``"\\n"``, so the sandbox's cache sees one key per program.)"""
+    n = len(program)
+    if not n:
+        return ""
+    if not program[0].isspace():
+        start = 0
+    elif n > 1 and program[0] == "\n" and not program[1].isspace():
+        start = 1  # the usual shape: one leading newline
+    else:
+        body = program.lstrip()
+        if not body:
+            return ""
+        start = program.rfind("\n", 0, n - len(body)) + 1
+    if not program[-1].isspace():
+        return program[start:] + "\n"
+    if program[-1] == "\n" and not program[-2].isspace():
+        return program[start:]  # the usual shape: one trailing newline
+    end = program.find("\n", len(program.rstrip()))
+    return program[start:end if end >= 0 else n] + "\n"
+
+
+_normalise_program = normalise_program
 
 
 def observation_text(observation: str) -> str:
