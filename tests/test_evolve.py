@@ -34,9 +34,13 @@ def test_nano_config_is_the_papers_four_rounds() -> None:
     cfg = load_evolve_config("nano")
     assert len(cfg.rounds) == 4
     assert [r.ppm_guided for r in cfg.rounds] == [False, False, True, True]
-    assert [r.sft_from for r in cfg.rounds] == ["base", "previous", "previous", "previous"]
+    # nano continues each round from the previous policy with 8 rollouts (docs/evolve.md says
+    # why); the paper's schedule is the qwen-math-7b config
+    assert [r.sft_from for r in cfg.rounds] == ["previous"] * 4
     rollouts = [next(int(o.split("=")[1]) for o in r.overrides if o.startswith("rollouts=")) for r in cfg.rounds]
-    assert rollouts == [8, 16, 16, 16]
+    assert rollouts == [8, 8, 8, 8]
+    paper = load_evolve_config("qwen-math-7b")
+    assert [r.sft_from for r in paper.rounds] == ["base"] * 4
 
 
 def test_overrides_reach_into_lists() -> None:
@@ -285,3 +289,50 @@ def test_evaluate_runs_every_method_and_prefixes_equal_smaller_runs(tmp_path: Pa
     # no PPM: majority only, and no MCTS
     nop = evaluate(ScriptedGenerator(), None, {"toy": probs}, tmp_path / "c", n=2, budgets=[2], **common)["toy"]
     assert "mcts_ppm" not in nop and "bon_ppm" not in nop and "bon_majority" in nop
+
+
+# --------------------------------------------------------------------------- round data
+def test_config_changes_lists_dotted_keys() -> None:
+    from rstar.evolve.pipeline import config_changes
+
+    old = {"train": {"n": 320, "difficulties": [2, 3]}, "rounds": [{"sft_from": "base"}, {"x": 1}], "seed": 0}
+    new = {"train": {"n": 192, "difficulties": [2, 3]}, "rounds": [{"sft_from": "previous"}, {"x": 1}], "seed": 0,
+           "extra": True}
+    assert config_changes(old, new) == ["extra", "rounds.0.sft_from", "train.n"]
+    assert config_changes(old, old) == []
+
+
+def test_changed_config_is_reported_not_silently_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from rstar.config import to_dict
+    from rstar.evolve.pipeline import Evolution
+
+    cfg = load_evolve_config("nano-ci", [f"output_dir={tmp_path}"])
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(load_evolve_config("nano-ci", ["train.n=7"]))))
+    with caplog.at_level("WARNING"):
+        Evolution(cfg, progress=False)._warn_config_change()
+    assert "train.n" in caplog.text and "kept, not redone" in caplog.text
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_seed_replay_and_accumulated_pairs(tmp_path: Path) -> None:
+    from rstar.evolve.pipeline import Evolution
+
+    cfg = load_evolve_config("nano-ci", [f"output_dir={tmp_path}", "nano.seed_replay_rows=3",
+                                         "mining.accumulate_pairs=true"])
+    evo = Evolution(cfg, progress=False)
+    _jsonl(evo._seed_rows_path(), [{"id": f"seed-{i}", "prompt": "p", "response": str(i)} for i in range(10)])
+    r1, r2 = evo._replayed_seed_rows(1), evo._replayed_seed_rows(2)
+    assert len(r1) == len(r2) == 3 and r1 == evo._replayed_seed_rows(1)  # a fixed sample per round
+    assert {r["id"] for r in r1} <= {f"seed-{i}" for i in range(10)}
+    for k in (1, 2, 3):
+        _jsonl(evo.round_dir(k) / "pairs.jsonl", [{"round": k, "i": i} for i in range(k)])
+    assert evo._ppm_data(1) == evo.round_dir(1) / "pairs.jsonl"
+    rows = [json.loads(ln) for ln in evo._ppm_data(3).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 2, 3, 3, 3]
+    cfg.nano.seed_replay_rows = None
+    cfg.mining.accumulate_pairs = False
+    assert len(evo._replayed_seed_rows(1)) == 10 and evo._ppm_data(3) == evo.round_dir(3) / "pairs.jsonl"

@@ -65,6 +65,10 @@ class NanoSetup:
         seed_sft: ``TrainingArguments`` of the seed policy's fine-tune.
         seed_rows_in_rounds: add the seed rows to every round's SFT data (each round restarts
             from the random base, so it would otherwise forget what the seed taught).
+        seed_replay_rows: with ``seed_rows_in_rounds``, add at most this many seed rows (a
+            fixed random subset per round; None: all). A round that continues from the
+            previous policy needs only a replay sample against forgetting, and a small one
+            keeps the round's own mined rows from being diluted.
     """
 
     world: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +78,7 @@ class NanoSetup:
     seed_split: str = "train"
     seed_sft: dict[str, Any] = field(default_factory=dict)
     seed_rows_in_rounds: bool = True
+    seed_replay_rows: int | None = None
 
 
 @dataclass
@@ -113,13 +118,18 @@ def default_rounds() -> list[RoundSpec]:
 
 @dataclass
 class MiningSpec:
-    """Tree mining into SFT rows and PPM pairs (``rstar.train.mining``)."""
+    """Tree mining into SFT rows and PPM pairs (``rstar.train.mining``).
+
+    ``accumulate_pairs``: train each round's PPM on the pairs of this and every earlier round
+    (the paper trains on the round's own pairs, of which it has millions; a small run has
+    tens per round)."""
 
     top_n: int = 2
     top_k: int = 2
     top_k_single: int = 4
     min_margin: float = 0.5
     min_edit_distance: int = 20
+    accumulate_pairs: bool = False
 
 
 @dataclass

@@ -18,8 +18,9 @@ and its PPM is initialised from that policy and trained on the round's pairs."""
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
+import random
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -47,6 +48,21 @@ def make_scorer(kind: str, path: str, options: dict[str, Any] | None = None) -> 
     from rstar.distributed.job import make_scorer as make
 
     return make(kind, path, **dict(options or {}))
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain (JSON) configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += config_changes(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += config_changes(a, b, f"{prefix}{i}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _split_training_args(script_cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -138,6 +154,7 @@ class Evolution:
         the run report (also written to ``output_dir/report.{md,json}``)."""
         self._threads()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._warn_config_change()
         write_json_atomic(self.out / "config.json", to_dict(self.cfg))
         self.setup()
         if self.cfg.eval.round0 and self.cfg.eval.sets:
@@ -146,6 +163,21 @@ class Evolution:
         for k in range(1, n + 1):
             self.run_round(k)
         return self.report()
+
+    def _warn_config_change(self) -> None:
+        """Stages already on disk are kept whatever the config says now: say which settings
+        differ from the run that wrote them, so a changed config is never silently ignored."""
+        path = self.out / "config.json"
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        changed = config_changes(old, to_dict(self.cfg))
+        if changed:
+            logger.warning("%s was written by a run with different settings (%s); stages it finished are "
+                           "kept, not redone: delete their round directories (or use another output_dir) "
+                           "to run them with the new settings", path, ", ".join(changed[:12]) +
+                           (f", ... ({len(changed)} in all)" if len(changed) > 12 else ""))
 
     def setup(self) -> None:
         """Materialise the problem sets; nano: build the base model and the seed policy."""
@@ -281,7 +313,7 @@ class Evolution:
         from transformers import AutoTokenizer
 
         from rstar.train.mining import (PairMiningConfig, PairStats, SFTMiningConfig, mine_pairs, mine_sft,
-                                        read_jsonl, read_trees, write_jsonl)
+                                        read_trees, write_jsonl)
 
         d = self.round_dir(k)
         m = self.cfg.mining
@@ -289,8 +321,7 @@ class Evolution:
         sft = mine_sft(read_trees(d / "trees.jsonl"), SFTMiningConfig(top_n=m.top_n), tokenizer=tok)
         mined = len(sft)
         problems = len({r["id"] for r in sft})
-        if self.cfg.nano is not None and self.cfg.nano.seed_rows_in_rounds:
-            sft = sft + read_jsonl(self._seed_rows_path())
+        sft = sft + self._replayed_seed_rows(k)
         write_jsonl(sft, d / "sft.jsonl")
         st = PairStats()
         pairs = mine_pairs(read_trees(d / "trees.jsonl"),
@@ -307,6 +338,29 @@ class Evolution:
         return self._train_sft(init, str(self.round_dir(k) / "sft.jsonl"), self.policy(k),
                                {**self.cfg.sft, **spec.sft})
 
+    def _ppm_data(self, k: int) -> Path:
+        """Round k's pairs, or with ``mining.accumulate_pairs`` those of rounds 1..k together."""
+        from rstar.train.mining import read_jsonl, write_jsonl
+
+        data = self.round_dir(k) / "pairs.jsonl"
+        if self.cfg.mining.accumulate_pairs and k > 1:
+            rows = [r for j in range(1, k + 1) for r in read_jsonl(self.round_dir(j) / "pairs.jsonl")]
+            data = self.round_dir(k) / "pairs_accumulated.jsonl"
+            write_jsonl(rows, data)
+        return data
+
+    def _replayed_seed_rows(self, k: int) -> list[dict[str, Any]]:
+        """The seed rows added to round k's SFT data (see ``NanoSetup.seed_replay_rows``)."""
+        from rstar.train.mining import read_jsonl
+
+        nano = self.cfg.nano
+        if nano is None or not nano.seed_rows_in_rounds:
+            return []
+        seed = read_jsonl(self._seed_rows_path())
+        if nano.seed_replay_rows is not None and nano.seed_replay_rows < len(seed):
+            seed = random.Random(self.cfg.seed * 1000 + k).sample(seed, nano.seed_replay_rows)
+        return seed
+
     def _ppm(self, k: int) -> dict[str, Any]:
         from transformers import TrainingArguments
 
@@ -314,12 +368,13 @@ class Evolution:
         from rstar.train.ppm import PPMArguments, train_ppm
 
         d = self.round_dir(k)
-        if not read_jsonl(d / "pairs.jsonl"):
+        data = self._ppm_data(k)
+        if not read_jsonl(data):
             logger.warning("round %d: no PPM pairs were mined (no node has both a correct and a wrong "
                            "descendant): no PPM this round; later rounds use the newest earlier PPM, if any", k)
             return {"trained": False, "reason": "no pairs"}
         script_kw, targ_kw = _split_training_args(PPMArguments, {**_TRAIN_DEFAULTS, **self.cfg.ppm})
-        script = PPMArguments(model=self.policy(k), data=str(d / "pairs.jsonl"), **script_kw)
+        script = PPMArguments(model=self.policy(k), data=str(data), **script_kw)
         targs = TrainingArguments(output_dir=str(d / "ppm"), seed=self.cfg.seed + k, **targ_kw)
         res = train_ppm(script, targs)
         return {"trained": True, "train": _clean(res.train_metrics), "eval": _clean(res.eval_metrics),
