@@ -819,17 +819,27 @@ class Searcher:
     def _score_fn(self, reqs: list[Any]) -> list[float]:
         return [float(v) for v in self.scorer.score(reqs)]
 
-    async def _post_batch(self, jobs: list[_Job]) -> None:
-        """Grade (when values need it) and PPM-score the children of many jobs: one
-        grading submission, then the scoring requests in batches of ``max_batch``."""
+    def _grading_work(self, jobs: list[_Job]) -> tuple[list[_Node], list[tuple[str, str]], list[_Job], list[_Job]]:
+        """The children to grade, their (answer, gold) pairs, the jobs that have some, the rest."""
         targets: list[_Node] = []
         pairs: list[tuple[str, str]] = []
+        graded: list[_Job] = []
+        rest: list[_Job] = []
         for j in jobs:
             found = self._grade_targets(j)
             if found:
                 gold = str(j.tree.problem.answer)
                 targets += found
                 pairs += [(c.answer, gold) for c in found]
+                graded.append(j)
+            else:
+                rest.append(j)
+        return targets, pairs, graded, rest
+
+    async def _post_batch(self, jobs: list[_Job]) -> None:
+        """Grade (when values need it) and PPM-score the children of many jobs: one
+        grading submission, then the scoring requests in batches of ``max_batch``."""
+        targets, pairs, _, _ = self._grading_work(jobs)
         if pairs:
             res = await self._grade_b.submit(pairs)
             for c, ok in zip(targets, res):
@@ -912,19 +922,7 @@ class Searcher:
         batchers; returns the jobs that need neither (the others come back as
         ``"scored"`` when their values are in)."""
         if self.cfg.mode == "mcts" and self.cfg.value in ("terminal", "ppm_init"):
-            targets: list[_Node] = []
-            pairs: list[tuple[str, str]] = []
-            graded: list[_Job] = []
-            rest: list[_Job] = []
-            for j in jobs:
-                found = self._grade_targets(j)
-                if found:
-                    gold = str(j.tree.problem.answer)
-                    targets += found
-                    pairs += [(c.answer, gold) for c in found]
-                    graded.append(j)
-                else:
-                    rest.append(j)
+            targets, pairs, graded, rest = self._grading_work(jobs)
             if graded:
                 def on_graded(res: Any) -> None:
                     try:
