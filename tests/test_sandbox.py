@@ -311,8 +311,11 @@ HOSTILE: list[tuple[str, str, Status, str | None]] = [
     ("daemon_thread_outlives", "import threading, time\n"
      "threading.Thread(target=lambda: time.sleep(100), daemon=True).start()\nprint('started')",
      Status.FORBIDDEN, "thread"),
+    # a spin that allocates nothing: a growing list would hit the memory limit within the
+    # second on a fast machine, end the thread with a MemoryError and let the program pass
     ("thread_forever", "import threading\n"
-     "threading.Thread(target=lambda: [None for _ in iter(int, 1)]).start()",
+     "def spin():\n    while True:\n        pass\n"
+     "threading.Thread(target=spin).start()",
      Status.TIMEOUT, None),
     ("memory_bytearray", "x = bytearray(50 * 2**30)", Status.MEMORY, "MemoryError"),
     ("memory_list", "x = [0] * (10**10)", Status.MEMORY, "MemoryError"),

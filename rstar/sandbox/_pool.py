@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,38 +110,49 @@ class Sandbox:
 
     def submit(self, program: str) -> concurrent.futures.Future[ExecResult]:
         """Queue ``program``; identical programs share one execution and the cache."""
-        fut: concurrent.futures.Future[ExecResult] = concurrent.futures.Future()
-        key = _key(program)
+        return self.submit_many((program,))[0]
+
+    def submit_many(self, programs: Iterable[str]) -> list[concurrent.futures.Future[ExecResult]]:
+        """``submit`` for several programs under one lock and one wake-up of the I/O thread
+        (a search step's candidates arrive together). A cache hit's future is already done."""
+        out: list[concurrent.futures.Future[ExecResult]] = []
+        queued = False
         with self._lock:
-            if self._closed:
-                fut.set_result(_failure(Status.KILLED, "SandboxClosed: the sandbox is closed"))
-                return fut
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.stats["cache_hits"] += 1
-                fut.set_result(dataclasses.replace(hit, cached=True))
-                return fut
-            job = self._inflight.get(key)
-            if job is not None:
-                job.futures.append(fut)
-                self.stats["deduplicated"] += 1
-                return fut
-            if self._broken is not None:
-                fut.set_result(_failure(Status.KILLED, self._broken))
-                return fut
-            job = _Job(key, program, [fut])
-            self._inflight[key] = job
-            self._queue.append(job)
-        self._wake()
-        return fut
+            for program in programs:
+                fut: concurrent.futures.Future[ExecResult] = concurrent.futures.Future()
+                out.append(fut)
+                if self._closed:
+                    fut.set_result(_failure(Status.KILLED, "SandboxClosed: the sandbox is closed"))
+                    continue
+                key = _key(program)
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    self.stats["cache_hits"] += 1
+                    fut.set_result(dataclasses.replace(hit, cached=True))
+                    continue
+                job = self._inflight.get(key)
+                if job is not None:
+                    job.futures.append(fut)
+                    self.stats["deduplicated"] += 1
+                    continue
+                if self._broken is not None:
+                    fut.set_result(_failure(Status.KILLED, self._broken))
+                    continue
+                job = _Job(key, program, [fut])
+                self._inflight[key] = job
+                self._queue.append(job)
+                queued = True
+        if queued:
+            self._wake()
+        return out
 
     def run(self, program: str) -> ExecResult:
         return self.submit(program).result()
 
     def run_many(self, programs: Sequence[str]) -> list[ExecResult]:
         """Run all programs concurrently across the pool; results in input order."""
-        futures = [self.submit(p) for p in programs]
+        futures = self.submit_many(programs)
         concurrent.futures.wait(futures)  # one wake-up for the batch, not one per result
         return [f.result() for f in futures]
 
