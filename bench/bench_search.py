@@ -16,10 +16,11 @@ time:
 * ``search %``: the same minus the stand-ins' own CPU (``stand-in s``), measured with
   ``time.thread_time`` around every call of the stand-in generator's completion builder
   and of its latency timers (``_sleep`` / ``_fire``), the stand-in tokenizer, the stand-in
-  scorer, grader and the sandbox's ``run_many``. Everything else is counted as the search:
-  the driver, the engine, asyncio (the per-request tasks and the futures they wait on, the
-  per-program ``arun`` coroutines), the worker-thread hops, garbage collection, building
-  the JSON record of every problem.
+  scorer, grader and sandbox (``submit``, its result thread's own work, ``run_many``).
+  Everything else is counted as the search: the driver, the engine, asyncio (the
+  per-request tasks and the futures they wait on; the sandbox futures' callbacks, or with
+  ``--sandbox-api arun`` the per-program coroutines and tasks), the worker-thread hops,
+  garbage collection, building the JSON record of every problem.
 
 The stand-ins are cheap (completions and their token ids are built once per distinct text
 and shared; one integer hash per request; latency timers grouped per millisecond) and
@@ -35,13 +36,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
 import statistics
+import threading
 import time
 import zlib
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from rstar.backends import Completion, GenerationRequest  # noqa: F401 - the contract types
@@ -199,23 +203,89 @@ _ERR = _Res(False, "NameError: undefined", "error")
 
 class InstantSandbox:
     """Code 'runs' instantly: a step fails iff it references ``undefined``. Same interface
-    as ``rstar.sandbox.Sandbox``: ``arun`` (the async pipeline) and ``run_many`` (a whole
-    lock-step batch, called in a worker thread; ``cpu_s`` is its thread CPU)."""
+    as ``rstar.sandbox.Sandbox``: ``submit`` (the async pipeline: a ``concurrent.futures``
+    future, already done for a program seen before, as a cache hit is; otherwise finished by
+    the sandbox's own thread, as the real pool's reader thread does, so the driver pays the
+    same cross-thread wake-ups), ``arun`` (the async pipeline when ``submit=False``) and
+    ``run_many`` (a whole lock-step batch, called in a worker thread). ``cpu_s`` is the
+    stand-in's own CPU: the submit bodies, the thread's work and ``run_many``; the future
+    callbacks the thread runs (the driver's countdowns) are the search's."""
 
-    def __init__(self) -> None:
-        self.cpu_s = 0.0
+    def __init__(self, submit: bool = True) -> None:
+        self._caller_cpu_s = 0.0  # submit and run_many, in the caller's thread
+        self._thread_cpu_s = 0.0  # the sandbox thread's own work
+        self._seen: dict[str, _Res] = {}
+        self._queue: list[tuple[concurrent.futures.Future[_Res], str]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if not submit:  # the driver falls back to arun
+            self.submit = self.submit_many = None  # type: ignore[assignment]
+
+    @property
+    def cpu_s(self) -> float:
+        return self._caller_cpu_s + self._thread_cpu_s
+
+    @staticmethod
+    def _result(program: str) -> _Res:
+        return _ERR if "undefined" in program else _OK
+
+    def submit(self, program: str) -> concurrent.futures.Future[_Res]:
+        return self.submit_many([program])[0]
+
+    def submit_many(self, programs: Sequence[str]) -> list[concurrent.futures.Future[_Res]]:
+        t0 = time.thread_time()
+        out = []
+        queued = []
+        for program in programs:
+            fut: concurrent.futures.Future[_Res] = concurrent.futures.Future()
+            hit = self._seen.get(program)
+            if hit is not None:
+                fut.set_result(hit)
+            else:
+                queued.append((fut, program))
+            out.append(fut)
+        if queued:
+            with self._cond:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._serve, daemon=True)
+                    self._thread.start()
+                self._queue += queued
+                self._cond.notify()
+        self._caller_cpu_s += time.thread_time() - t0
+        return out
+
+    def _serve(self) -> None:
+        while True:
+            t0 = time.thread_time()
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch, self._queue = self._queue, []
+            done = []
+            for fut, program in batch:
+                res = self._seen[program] = self._result(program)
+                done.append((fut, res))
+            self._thread_cpu_s += time.thread_time() - t0
+            for fut, res in done:
+                fut.set_result(res)  # runs the driver's callbacks: search CPU
 
     async def arun(self, program: str) -> _Res:
-        return _ERR if "undefined" in program else _OK
+        """As ``rstar.sandbox.Sandbox.arun``: the future of ``submit``, wrapped."""
+        return await asyncio.wrap_future(InstantSandbox.submit_many(self, [program])[0])
 
     def run_many(self, programs: list[str]) -> list[_Res]:
         t0 = time.thread_time()
-        out = [_ERR if "undefined" in p else _OK for p in programs]
-        self.cpu_s += time.thread_time() - t0
+        out = [self._result(p) for p in programs]
+        self._caller_cpu_s += time.thread_time() - t0
         return out
 
     def close(self) -> None:
-        pass
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
 class StrGrader:
@@ -262,14 +332,17 @@ def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     problems = [_P(f"q{i}", f"Problem {i}: compute {i} mod 3.", str(i % 3)) for i in range(args.trees)]
     gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad)
     scorer = HashScorer() if args.value != "terminal" else None
-    sandbox, grader = InstantSandbox(), StrGrader()
+    sandbox, grader = InstantSandbox(submit=args.sandbox_api == "submit"), StrGrader()
     s = Searcher(gen, scorer, cfg, sandbox=sandbox, grader=grader)
     out = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         out = os.path.join(args.out, f"{pipeline}-{os.getpid()}-{time.time_ns()}.jsonl")
     c0, w0 = time.process_time(), time.perf_counter()
-    res = s.run(problems, out, progress=False)
+    try:
+        res = s.run(problems, out, progress=False)
+    finally:
+        sandbox.close()
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     stand = (gen.cpu_s + gen.tokenizer.cpu_s + (scorer.cpu_s if scorer is not None else 0.0) + grader.cpu_s
              + sandbox.cpu_s)
@@ -294,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-token-ms", type=float, default=10.0, help="per generated token (decode step)")
     p.add_argument("--step-tokens", type=int, default=64)
     p.add_argument("--pad", default="code", choices=sorted(PADS), help="step body filler (see PADS)")
+    p.add_argument("--sandbox-api", default="submit", choices=("submit", "arun"),
+                   help="how the async pipeline runs code: futures (rstar.sandbox.Sandbox) or coroutines")
     p.add_argument("--repeat", type=int, default=1, help="runs per pipeline (alternating); medians reported")
     p.add_argument("--reference", action="store_true", help="pure-Python engine (when _core is not built)")
     p.add_argument("--out", default=None, help="also write the JSONL records (with fsync) into this directory")

@@ -283,6 +283,74 @@ def test_mcts_matches_official_with_suspending_sandbox(pipeline: str) -> None:
         assert_same_as_official(res.record, ref)
 
 
+class FuturesSandbox(FakeSandbox):
+    """``submit`` returns ``concurrent.futures`` futures, as ``rstar.sandbox.Sandbox`` does:
+    a repeated program is already done (a cache hit); a new one finishes later in another
+    thread, in an order unrelated to submission."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        super().__init__()
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(3)
+        self._seen: dict[str, object] = {}
+        self.fail_on = fail_on
+        self.submitted = 0
+
+    def submit(self, program: str):
+        import concurrent.futures
+        import random
+        import time
+
+        self.submitted += 1
+        if program in self._seen:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(self._seen[program])
+            return fut
+
+        def work():
+            time.sleep(random.random() * 0.002)
+            if self.fail_on is not None and self.fail_on in program:
+                raise OSError("sandbox pool lost")
+            res = self.run(program)
+            self._seen[program] = res
+            return res
+
+        return self._pool.submit(work)
+
+    async def arun(self, program: str):
+        raise AssertionError("the async pipeline must use submit when the sandbox has it")
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+@pytest.mark.parametrize("value", ["terminal", "ppm_init"])
+def test_mcts_matches_official_with_futures_sandbox(value: str) -> None:
+    cfg = mcts_cfg(value=value, pipeline="async")
+    sandbox = FuturesSandbox()
+    try:
+        results, _ = run(cfg, QUESTIONS[:6], scorer=FakeScorer(), sandbox=sandbox)
+    finally:
+        sandbox.close()
+    assert sandbox.submitted > 0
+    for p, res in zip(QUESTIONS[:6], results):
+        check_tree(res.record)
+        ref = reference_tree(p, cfg)
+        for i, r in enumerate(ref):
+            r.order = i
+        assert_same_as_official(res.record, ref)
+
+
+def test_failed_sandbox_future_reaches_the_caller() -> None:
+    sandbox = FuturesSandbox(fail_on="=")
+    try:
+        with pytest.raises(OSError, match="sandbox pool lost"):
+            run(mcts_cfg(value="terminal", pipeline="async"), QUESTIONS[:3], sandbox=sandbox)
+    finally:
+        sandbox.close()
+
+
 def test_normalise_program_is_the_line_rule() -> None:
     """The program normaliser = drop blank lines (``strip()`` empty) at both ends of
     ``split("\\n")``, join, one final newline; checked on random strings."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -401,6 +402,34 @@ def _start_eager(coro: Any) -> tuple[bool, Any]:
     return False, asyncio.get_running_loop().create_task(coro)
 
 
+def _post_threadsafe(loop: asyncio.AbstractEventLoop, put: Any, item: Any) -> None:
+    """Hand ``item`` to the loop's inbox from any thread; dropped once the loop is closed
+    (the search has already failed or been cancelled)."""
+    try:
+        loop.call_soon_threadsafe(put, item)
+    except RuntimeError:
+        pass
+
+
+class _Countdown:
+    """Calls ``fire`` once, when ``tick`` has been called ``n`` times, from whichever thread
+    ticks last (``concurrent.futures`` callbacks run in the thread that sets the result)."""
+
+    __slots__ = ("_left", "_lock", "_fire")
+
+    def __init__(self, n: int, fire: Any) -> None:
+        self._left = n
+        self._lock = threading.Lock()
+        self._fire = fire
+
+    def tick(self, _: Any = None) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._fire()
+
+
 def _request_seed(base: int, pid: str, leaf: int, attempt: int) -> int:
     return _seed_of(f"{base}|{pid}|", leaf, attempt)
 
@@ -764,10 +793,9 @@ class Searcher:
 
         With ``batch`` (lock-step: every program of the step at once) and a sandbox with
         ``run_many`` (``rstar.sandbox.Sandbox`` has it), one call in a worker thread.
-        Otherwise every ``arun`` is started eagerly: it runs here until it first suspends
-        (a real sandbox submits the program to its pool there), and only one that did
-        suspend gets a task; all are started before any is awaited. (The async pipeline
-        never blocks a worker thread per job: the default executor has few threads.)"""
+        Otherwise every ``arun`` gets a task; all are started before any is awaited. (The
+        async pipeline never blocks a worker thread per job: the default executor has few
+        threads.)"""
         if batch and len(programs) > 1:
             run_many = getattr(self.sandbox, "run_many", None)
             if run_many is not None:
@@ -860,8 +888,8 @@ class Searcher:
 
     # async pipeline ------------------------------------------------------------------
     # One task per job only while its request is out (``agenerate``). What follows runs on
-    # the main loop over everything that arrived together: parsing, the code (each
-    # ``arun`` started eagerly; a job whose program did suspend waits in a task), then
+    # the main loop over everything that arrived together: parsing, the code (sandbox
+    # futures with one countdown per job, or ``arun`` tasks), then
     # grading / PPM scoring through the batchers (one submission per group of jobs), then
     # one commit.
     async def _gen_task(self, job: _Job, req: Any) -> None:
@@ -877,7 +905,21 @@ class Searcher:
 
     def _run_generated(self, gens: list[tuple[_Job, Any]]) -> list[_Job]:
         """Parse the completions and run the code of each job; returns the jobs whose code
-        has finished (the others finish in a task and come back as ``"exec"``)."""
+        has finished (the others come back through the inbox as ``"exec"`` or
+        ``"exec_futures"``).
+
+        A sandbox with ``submit_many`` or ``submit`` (``rstar.sandbox.Sandbox``: a
+        ``concurrent.futures`` future per program, already done on a cache hit) costs no
+        coroutine or task: a job's programs go in one call, their futures share one
+        countdown, and the last to finish wakes the loop once for the whole job. Otherwise
+        every ``arun`` gets a task, and a job waits for its tasks in one more."""
+        submit_many = getattr(self.sandbox, "submit_many", None)
+        if submit_many is None:
+            submit = getattr(self.sandbox, "submit", None)
+            if submit is not None:
+                submit_many = functools.partial(map, submit)
+        if submit_many is not None:
+            return self._submit_generated(gens, submit_many)
         done = []
         arun = self.sandbox.arun
         for job, comps in gens:
@@ -901,6 +943,31 @@ class Searcher:
             else:
                 self._tasks.add(asyncio.get_running_loop().create_task(self._exec_task(job, waiting)))
         return done
+
+    def _submit_generated(self, gens: list[tuple[_Job, Any]], submit_many: Any) -> list[_Job]:
+        done = []
+        loop = asyncio.get_running_loop()
+        put = self._inbox.put
+        for job, comps in gens:
+            candidates = self._candidates(job, comps)
+            futures = list(zip([node for node, _ in candidates],
+                               submit_many([program for _, program in candidates])))
+            running = [f for _, f in futures if not f.done()]
+            if not running:
+                self._apply_futures(job, futures)
+                done.append(job)
+                continue
+            countdown = _Countdown(len(running), functools.partial(
+                _post_threadsafe, loop, put, ("exec_futures", (job, futures))))
+            for f in running:
+                f.add_done_callback(countdown.tick)
+        return done
+
+    def _apply_futures(self, job: _Job, futures: list[tuple[_Node, Any]]) -> None:
+        """Apply finished sandbox futures in candidate order (a failed one raises here, in
+        the main loop, as a failed ``arun`` task does)."""
+        for node, f in futures:
+            self._apply_exec(job, node, f.result())
 
     async def _exec_task(self, job: _Job, waiting: list[tuple[_Node, asyncio.Task[Any]]]) -> None:
         try:
@@ -1033,6 +1100,9 @@ class Searcher:
                         jobs += payload
                     elif kind == "exec":
                         executed.append(payload)
+                    elif kind == "exec_futures":
+                        self._apply_futures(*payload)
+                        executed.append(payload[0])
                     elif kind == "final":
                         inflight -= 1
                         finals += payload
