@@ -186,7 +186,7 @@ def test_dry_run_prints_config_and_plan(tmp_path: Path) -> None:
                           f"output_dir={tmp_path}"], capture_output=True, text=True, check=True, cwd=REPO)
     assert "seed_size: 2048" in out.stdout
     plan = [ln for ln in out.stdout.splitlines() if ln.startswith("# round") or ln.startswith("# setup")]
-    assert len(plan) == 3 + 1 + 4 * 5 and all(" todo " in ln for ln in plan)
+    assert len(plan) == 3 + 1 + 4 * 7 and all(" todo " in ln for ln in plan)
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
@@ -336,3 +336,56 @@ def test_seed_replay_and_accumulated_pairs(tmp_path: Path) -> None:
     cfg.nano.seed_replay_rows = None
     cfg.mining.accumulate_pairs = False
     assert len(evo._replayed_seed_rows(1)) == 10 and evo._ppm_data(3) == evo.round_dir(3) / "pairs.jsonl"
+
+
+def test_interim_methods_run_the_sampled_methods_once_at_the_end(tmp_path: Path) -> None:
+    from rstar.evolve.pipeline import Evolution
+
+    cfg = load_evolve_config("nano", [f"output_dir={tmp_path}", "eval.interim_methods=[greedy]"])
+    assert cfg.eval.methods_for(0, 4) == ["greedy"] and cfg.eval.methods_for(3, 4) == ["greedy"]
+    assert cfg.eval.methods_for(4, 4) == ["greedy", "bon", "mcts"]
+    evals = {s["round"]: s["methods"] for s in Evolution(cfg).plan() if s["stage"] == "eval"}
+    assert evals == {0: ["greedy"], 1: ["greedy"], 2: ["greedy"], 3: ["greedy"], 4: ["greedy", "bon", "mcts"]}
+    default = load_evolve_config("nano", [f"output_dir={tmp_path}", "eval.interim_methods=null"])
+    assert default.eval.methods_for(0, 4) == ["greedy", "bon"]  # round 0 has no PPM for MCTS
+    assert default.eval.methods_for(2, 4) == ["greedy", "bon", "mcts"]
+    with pytest.raises(ConfigError, match="unknown"):
+        load_evolve_config("nano", ["eval.interim_methods=[beam]"])
+
+
+def test_control_arm_trains_on_the_replayed_rows_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rstar.evolve.pipeline import Evolution
+    from rstar.evolve.report import write_run_report
+    from rstar.evolve.stages import write_json_atomic
+
+    with pytest.raises(ConfigError, match="seed_rows_in_rounds"):
+        load_evolve_config("nano", ["control=true", "nano.seed_rows_in_rounds=false"])
+    cfg = load_evolve_config("nano-ci", [f"output_dir={tmp_path}", "control=true", "nano.seed_replay_rows=3"])
+    evo = Evolution(cfg, progress=False)
+    plan = [(s["round"], s["stage"]) for s in evo.plan()]
+    assert plan[-2:] == [(2, "control-sft"), (2, "control-eval")] and (1, "control-sft") in plan
+    _jsonl(evo._seed_rows_path(), [{"id": f"seed-{i}", "prompt": "p", "response": str(i)} for i in range(10)])
+    calls = []
+    monkeypatch.setattr(evo, "_train_sft", lambda init, data, out, args: calls.append((init, data, out)) or {})
+    evo._control_sft(1)
+    evo._control_sft(2)
+    assert calls[0][0] == evo.bootstrap_model and calls[1][0] == evo.control_policy(1)  # sft_from: previous
+    rows = [json.loads(ln) for ln in Path(calls[1][1]).read_text().splitlines()]
+    assert rows == evo._replayed_seed_rows(2) and all(r["id"].startswith("seed-") for r in rows)
+    assert calls[1][2] == str(tmp_path / "round2" / "control" / "policy")
+
+    def rec(k: int, name: str, result: dict) -> None:
+        write_json_atomic(record_path(evo.round_dir(k), name), {"name": name, "round": k, "seconds": 2.0,
+                                                                "result": result})
+
+    rec(0, "eval", {"nano-eval": {"greedy": {"accuracy": 0.25}}})
+    rec(1, "eval", {"nano-eval": {"greedy": {"accuracy": 0.5}}})
+    rec(1, "control-sft", {})
+    rec(1, "control-eval", {"nano-eval": {"greedy": {"accuracy": 0.3}}})
+    rep = write_run_report(evo)
+    md = (tmp_path / "report.md").read_text()
+    assert "nano-eval greedy, control" in md
+    assert "| 0 (bootstrap) | - | - | - | 25.0 | - | - | - | 25.0 |" in md  # both arms start there
+    assert "| 1 | - | - | - | 50.0 | - | - | - | 30.0 |" in md
+    assert "| 1 | - | - | - | - | - | 2 | 4 |" in md  # eval 2 s, control 2 + 2 s
+    assert rep["rounds"][1]["stages"]["control-eval"]["nano-eval"]["greedy"]["accuracy"] == 0.3

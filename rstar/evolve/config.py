@@ -150,6 +150,9 @@ class EvalSpec:
             ``eval_mcts`` presets.
         round0: also evaluate the bootstrap policy (greedy only without a PPM).
         every_round: evaluate after every round (else only after the last one).
+        interim_methods: the methods run after round 0 and the rounds before the last (None:
+            ``methods``); e.g. ``[greedy]`` keeps the per-round greedy curve and runs the
+            sampled methods, which cost most of an evaluation, once, on the final policy.
     """
 
     sets: list[ProblemSource] = field(default_factory=list)
@@ -161,6 +164,13 @@ class EvalSpec:
     mcts: list[str] = field(default_factory=list)
     round0: bool = True
     every_round: bool = True
+    interim_methods: list[str] | None = None
+
+    def methods_for(self, k: int, last: int) -> list[str]:
+        """The methods evaluated after round ``k`` (0: the bootstrap policy, which has no PPM
+        for MCTS) of a run with ``last`` rounds."""
+        methods = self.methods if k == last or self.interim_methods is None else self.interim_methods
+        return [m for m in methods if not (k == 0 and m == "mcts")]
 
 
 @dataclass
@@ -193,6 +203,10 @@ class EvolveConfig:
         seed: base seed of every search and training run.
         distributed: ``rstar.distributed`` options of the search stages (``ray_address``,
             ``num_actors``...); empty runs in this process.
+        control: also train a control arm in every round: the same fine-tuning schedule on
+            the round's extra rows alone (the nano world's replayed seed rows), without the
+            rows mined from the search, evaluated greedily. The gap to the policy's greedy
+            accuracy is what the search's data added, beyond more fine-tuning.
     """
 
     output_dir: str = "runs/evolve"
@@ -209,6 +223,7 @@ class EvolveConfig:
     threads: int | None = None
     seed: int = 0
     distributed: dict[str, Any] = field(default_factory=dict)
+    control: bool = False
 
     def __post_init__(self) -> None:
         if not self.rounds:
@@ -222,9 +237,14 @@ class EvolveConfig:
             raise ConfigError("base_model is required (or a nano: section)")
         if self.nano is None and not self.bootstrap_model:
             raise ConfigError("bootstrap_model is required (or a nano: section)")
+        if self.control and (self.nano is None or not self.nano.seed_rows_in_rounds):
+            raise ConfigError("control: the control arm trains on the replayed seed rows alone "
+                              "(nano.seed_rows_in_rounds=true)")
+        if self.control and not self.eval.sets:
+            raise ConfigError("control: the control arm is evaluated on eval.sets, which is empty")
         if self.train.source == "nano" and self.nano is None:
             raise ConfigError("train.source=nano needs a nano: section")
-        bad = sorted(set(self.eval.methods) - {"greedy", "bon", "mcts"})
+        bad = sorted((set(self.eval.methods) | set(self.eval.interim_methods or ())) - {"greedy", "bon", "mcts"})
         if bad:
             raise ConfigError(f"eval.methods: unknown {bad} (greedy, bon, mcts)")
         if self.eval.n < 1:

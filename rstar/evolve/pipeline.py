@@ -108,6 +108,10 @@ class Evolution:
     def policy(self, k: int) -> str:
         return self.bootstrap_model if k == 0 else str(self.round_dir(k) / "policy")
 
+    def control_policy(self, k: int) -> str:
+        """The control arm's policy after round ``k`` (``EvolveConfig.control``)."""
+        return self.bootstrap_model if k == 0 else str(self.round_dir(k) / "control" / "policy")
+
     def ppm(self, k: int) -> str | None:
         return None if k == 0 else str(self.round_dir(k) / "ppm")
 
@@ -134,9 +138,9 @@ class Evolution:
         if cfg.nano is not None:
             add(-1, "nano-base", out=self.base_model)
             add(-1, "seed-policy", out=self.bootstrap_model, rows=cfg.nano.seed_size)
-        if cfg.eval.round0 and cfg.eval.sets:
-            add(0, "eval", policy=self.bootstrap_model, methods=[m for m in cfg.eval.methods if m != "mcts"])
         last = len(cfg.rounds)
+        if cfg.eval.round0 and cfg.eval.sets:
+            add(0, "eval", policy=self.bootstrap_model, methods=cfg.eval.methods_for(0, last))
         for k, spec in enumerate(cfg.rounds, start=1):
             searcher = self.bootstrap_model if spec.policy == "bootstrap" else self.policy(k - 1)
             add(k, "search", preset=spec.search, policy=searcher,
@@ -145,7 +149,10 @@ class Evolution:
             add(k, "sft", init=self.base_model if spec.sft_from == "base" else self.policy(k - 1))
             add(k, "ppm", init=self.policy(k))
             if cfg.eval.sets and (cfg.eval.every_round or k == last):
-                add(k, "eval", methods=cfg.eval.methods, n=cfg.eval.n)
+                add(k, "eval", methods=cfg.eval.methods_for(k, last), n=cfg.eval.n)
+            if cfg.control:
+                add(k, "control-sft", init=self.control_policy(k - 1))
+                add(k, "control-eval", methods=["greedy"])
         return steps
 
     # ------------------------------------------------------------------ run
@@ -202,6 +209,9 @@ class Evolution:
         self._stage(k, "ppm", lambda: self._ppm(k))
         if self.cfg.eval.sets and (self.cfg.eval.every_round or k == len(self.cfg.rounds)):
             self._stage(k, "eval", lambda: self._eval(k))
+        if self.cfg.control:
+            self._stage(k, "control-sft", lambda: self._control_sft(k))
+            self._stage(k, "control-eval", lambda: self._control_eval(k))
         from rstar.evolve.report import write_round_report, write_run_report
 
         rep = write_round_report(self, k)
@@ -361,6 +371,29 @@ class Evolution:
             seed = random.Random(self.cfg.seed * 1000 + k).sample(seed, nano.seed_replay_rows)
         return seed
 
+    def _control_sft(self, k: int) -> dict[str, Any]:
+        """Round k's fine-tuning schedule on its replayed seed rows alone, from the control
+        arm's previous policy (or the base model, as the round's ``sft_from`` says)."""
+        from rstar.train.mining import write_jsonl
+
+        spec = self.cfg.rounds[k - 1]
+        d = self.round_dir(k) / "control"
+        write_jsonl(self._replayed_seed_rows(k), d / "sft.jsonl")
+        init = self.base_model if spec.sft_from == "base" else self.control_policy(k - 1)
+        return self._train_sft(init, str(d / "sft.jsonl"), self.control_policy(k), {**self.cfg.sft, **spec.sft})
+
+    def _control_eval(self, k: int) -> dict[str, Any]:
+        from rstar.evolve.evaluate import evaluate
+
+        e = self.cfg.eval
+        gen = make_generator(self.cfg.backend.kind, self.control_policy(k), self.cfg.backend.options)
+        try:
+            return evaluate(gen, None, self.eval_problems(), self.round_dir(k) / "control" / "eval",
+                            methods=["greedy"], n=e.n, budgets=e.budgets, overrides={"greedy": e.greedy},
+                            seed=self.cfg.seed, progress=self.progress)
+        finally:
+            gen.close()
+
     def _ppm(self, k: int) -> dict[str, Any]:
         from transformers import TrainingArguments
 
@@ -396,7 +429,7 @@ class Evolution:
 
         e = self.cfg.eval
         ppm = self.trained_ppm(k)
-        methods = [m for m in e.methods if not (m == "mcts" and ppm is None)]
+        methods = [m for m in e.methods_for(k, len(self.cfg.rounds)) if not (m == "mcts" and ppm is None)]
         gen = make_generator(self.cfg.backend.kind, self.policy(k), self.cfg.backend.options)
         scorer = make_scorer(self.cfg.backend.kind, ppm, self.cfg.backend.scorer_options) if ppm else None
         try:

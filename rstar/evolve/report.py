@@ -22,7 +22,7 @@ _LABEL = {"greedy": "greedy", "bon_majority": "BoN majority", "bon_ppm": "BoN PP
 def _round_data(evo: Evolution, k: int) -> dict[str, Any]:
     d = evo.round_dir(k)
     out: dict[str, Any] = {"round": k, "stages": {}, "seconds": {}}
-    for name in ("search", "mine", "sft", "ppm", "eval"):
+    for name in ("search", "mine", "sft", "ppm", "eval", "control-sft", "control-eval"):
         rec = read_record(d, name)
         if rec is not None:
             out["stages"][name] = rec.result
@@ -82,17 +82,17 @@ def round_markdown(data: dict[str, Any], sets: list[str]) -> str:
         elif t:
             lines += [f"- {name.upper()}: {t.get('rows')} rows, train {t.get('train')}"
                       + (f", eval {t.get('eval')}" if t.get("eval") else "")]
-    ev = st.get("eval")
-    if ev:
+    ev, control = st.get("eval"), st.get("control-eval")
+    if ev or control:
         lines += ["", "| set | method | accuracy | by difficulty | tokens/problem |", "|---|---|---|---|---|"]
         for sname in sets:
-            r = ev.get(sname, {})
-            for meth in METHODS:
-                v = r.get(meth)
+            rows = [(_LABEL[meth], (ev or {}).get(sname, {}).get(meth)) for meth in METHODS]
+            rows.append((f"{_LABEL['greedy']}, control", (control or {}).get(sname, {}).get("greedy")))
+            for label, v in rows:
                 if not v:
                     continue
                 bd = ", ".join(f"d{d} {100 * a:.0f}" for d, a in (v.get("by_difficulty") or {}).items())
-                lines.append(f"| {sname} | {_LABEL[meth]} | {_fmt(v['accuracy'])} | {bd} | "
+                lines.append(f"| {sname} | {label} | {_fmt(v['accuracy'])} | {bd} | "
                              f"{v.get('tokens_per_problem', '-')} |")
     lines += ["", "Seconds per stage: " + ", ".join(f"{n} {s}" for n, s in data["seconds"].items()), ""]
     return "\n".join(lines)
@@ -114,11 +114,21 @@ def run_report(evo: Evolution) -> dict[str, Any]:
             "eval_sets": [s.label for s in evo.cfg.eval.sets]}
 
 
+def _control_greedy(r: dict[str, Any], s: str) -> float | None:
+    """Greedy accuracy of round r's control arm on set s (round 0: the bootstrap policy, where
+    both arms start)."""
+    stage = "eval" if r["round"] == 0 else "control-eval"
+    return ((r["stages"].get(stage) or {}).get(s, {}).get("greedy") or {}).get("accuracy")
+
+
 def run_markdown(rep: dict[str, Any]) -> str:
     sets = rep["eval_sets"]
+    control = any("control-eval" in r["stages"] for r in rep["rounds"])
     head = ["round", "train coverage", "SFT rows", "pairs"]
     for s in sets:
         head += [f"{s} {_LABEL[m]}" for m in METHODS]
+        if control:
+            head.append(f"{s} greedy, control")
     lines = ["# rstar evolve report", "", f"Output: `{rep['output_dir']}`; total stage time "
              f"{rep['total_seconds'] / 60:.1f} min.", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
@@ -128,16 +138,23 @@ def run_markdown(rep: dict[str, Any]) -> str:
         cov = f"{s['covered']}/{s['problems']}" if s else "-"
         row = [str(r["round"]) + (" (bootstrap)" if r["round"] == 0 else ""), cov,
                str(m.get("sft_rows", "-")), str(m.get("pairs", "-"))]
-        row += _eval_cells(st.get("eval") or {}, sets)
+        for name in sets:
+            row += _eval_cells(st.get("eval") or {}, [name])
+            if control:
+                row.append(_fmt(_control_greedy(r, name)))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Accuracy in %; best-of-N and MCTS at equal numbers of sampled solutions / rollouts.", "",
-              "| round | " + " | ".join(["setup", "search", "mine", "sft", "ppm", "eval"]) + " |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Accuracy in %; best-of-N and MCTS at equal numbers of sampled solutions / rollouts."]
+    if control:
+        lines += ["\"Greedy, control\": the same fine-tuning schedule on the replayed seed rows alone, without "
+                  "the rows mined from the search (`control: true`)."]
+    stages = ["search", "mine", "sft", "ppm", "eval"] + (["control"] if control else [])
+    lines += ["", "| round | " + " | ".join(["setup", *stages]) + " |", "|---|" + "---|" * (len(stages) + 1)]
     for r in rep["rounds"]:
-        sec = r["seconds"]
+        sec = dict(r["seconds"])
         setup = sum(v for k, v in sec.items() if k in ("problems", "nano-base", "seed-policy"))
-        cells = [f"{setup:.0f}" if setup else "-"] + [
-            f"{sec[n]:.0f}" if n in sec else "-" for n in ("search", "mine", "sft", "ppm", "eval")]
+        if any(k.startswith("control-") for k in sec):
+            sec["control"] = sum(v for k, v in sec.items() if k.startswith("control-"))
+        cells = [f"{setup:.0f}" if setup else "-"] + [f"{sec[n]:.0f}" if n in sec else "-" for n in stages]
         lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds per stage.", "", "![accuracy](accuracy.png)", ""]
     return "\n".join(lines)
@@ -170,6 +187,10 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
                     ys.append(100 * v["accuracy"])
             if xs:
                 ax.plot(xs, ys, marker="o", label=_LABEL[m])
+        ctrl = [(r["round"], _control_greedy(r, s)) for r in rep["rounds"]]
+        ctrl = [(k, 100 * v) for k, v in ctrl if v is not None]
+        if len(ctrl) > 1:
+            ax.plot(*zip(*ctrl), marker="x", linestyle=":", color="gray", label="greedy, control")
         ax.set_xlabel("round (0 = bootstrap)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{s}: accuracy by round")
