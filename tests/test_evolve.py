@@ -389,3 +389,16 @@ def test_control_arm_trains_on_the_replayed_rows_alone(tmp_path: Path, monkeypat
     assert "| 1 | - | - | - | 50.0 | - | - | - | 30.0 |" in md
     assert "| 1 | - | - | - | - | - | 2 | 4 |" in md  # eval 2 s, control 2 + 2 s
     assert rep["rounds"][1]["stages"]["control-eval"]["nano-eval"]["greedy"]["accuracy"] == 0.3
+
+
+def test_control_arm_of_a_round_needs_the_previous_rounds(tmp_path: Path) -> None:
+    from rstar.evolve.pipeline import Evolution
+    from rstar.evolve.stages import write_json_atomic
+
+    evo = Evolution(load_evolve_config("nano-ci", [f"output_dir={tmp_path}", "control=true"]), progress=False)
+    for name in ("problems", "sft", "ppm"):
+        k = -1 if name == "problems" else 1
+        write_json_atomic(record_path(evo.round_dir(k), name), {"name": name, "round": k, "seconds": 1.0,
+                                                                "result": {}})
+    with pytest.raises(RuntimeError, match="control-sft"):
+        evo.run_round(2)

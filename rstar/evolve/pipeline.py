@@ -203,6 +203,8 @@ class Evolution:
         for j in range(1, k):  # a round needs the previous one's policy / PPM
             if read_record(self.round_dir(j), "sft") is None or read_record(self.round_dir(j), "ppm") is None:
                 raise RuntimeError(f"round {k} needs round {j} to be complete first")
+            if self.cfg.control and read_record(self.round_dir(j), "control-sft") is None:
+                raise RuntimeError(f"round {k}'s control arm needs round {j}'s (control-sft) first")
         self._stage(k, "search", lambda: self._search(k))
         self._stage(k, "mine", lambda: self._mine(k))
         self._stage(k, "sft", lambda: self._sft(k))
