@@ -385,16 +385,7 @@ class Evolution:
         return self._train_sft(init, str(d / "sft.jsonl"), self.control_policy(k), {**self.cfg.sft, **spec.sft})
 
     def _control_eval(self, k: int) -> dict[str, Any]:
-        from rstar.evolve.evaluate import evaluate
-
-        e = self.cfg.eval
-        gen = make_generator(self.cfg.backend.kind, self.control_policy(k), self.cfg.backend.options)
-        try:
-            return evaluate(gen, None, self.eval_problems(), self.round_dir(k) / "control" / "eval",
-                            methods=["greedy"], n=e.n, budgets=e.budgets, overrides={"greedy": e.greedy},
-                            seed=self.cfg.seed, progress=self.progress)
-        finally:
-            gen.close()
+        return self._evaluate(self.control_policy(k), None, ["greedy"], self.round_dir(k) / "control" / "eval")
 
     def _ppm(self, k: int) -> dict[str, Any]:
         from transformers import TrainingArguments
@@ -427,22 +418,25 @@ class Evolution:
         return {"train": _clean(res.train_metrics), "rows": res.train_rows, "init": init}
 
     def _eval(self, k: int) -> dict[str, Any]:
+        ppm = self.trained_ppm(k)
+        methods = [m for m in self.cfg.eval.methods_for(k, len(self.cfg.rounds)) if not (m == "mcts" and ppm is None)]
+        return self._evaluate(self.policy(k), ppm, methods, self.round_dir(k) / "eval")
+
+    def _evaluate(self, policy: str, ppm: str | None, methods: list[str], out_dir: Path) -> dict[str, Any]:
+        """``methods`` of ``eval`` for ``policy`` (and ``ppm``) on every evaluation set."""
         from rstar.evolve.evaluate import evaluate
 
         e = self.cfg.eval
-        ppm = self.trained_ppm(k)
-        methods = [m for m in e.methods_for(k, len(self.cfg.rounds)) if not (m == "mcts" and ppm is None)]
-        gen = make_generator(self.cfg.backend.kind, self.policy(k), self.cfg.backend.options)
+        gen = make_generator(self.cfg.backend.kind, policy, self.cfg.backend.options)
         scorer = make_scorer(self.cfg.backend.kind, ppm, self.cfg.backend.scorer_options) if ppm else None
         try:
-            return evaluate(gen, scorer, self.eval_problems(), self.round_dir(k) / "eval", methods=methods, n=e.n,
+            return evaluate(gen, scorer, self.eval_problems(), out_dir, methods=methods, n=e.n,
                             budgets=e.budgets, overrides={"greedy": e.greedy, "bon": e.bon, "mcts": e.mcts},
                             seed=self.cfg.seed, progress=self.progress)
         finally:
             gen.close()
             if scorer is not None:
                 scorer.close()
-
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}

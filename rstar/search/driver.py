@@ -395,13 +395,6 @@ def _gc_threshold(threshold0: int | None) -> Any:
             gc.set_threshold(*old)
 
 
-def _start_eager(coro: Any) -> tuple[bool, Any]:
-    """Schedule a coroutine: ``(False, task)``. (An eager variant that stepped the coroutine
-    by hand until its first suspension broke on futures from ``asyncio.wrap_future``
-    resumed before completion; a correct one is Python 3.12's ``eager_task_factory``.)"""
-    return False, asyncio.get_running_loop().create_task(coro)
-
-
 def _post_threadsafe(loop: asyncio.AbstractEventLoop, put: Any, item: Any) -> None:
     """Hand ``item`` to the loop's inbox from any thread; dropped once the loop is closed
     (the search has already failed or been cancelled)."""
@@ -802,19 +795,15 @@ class Searcher:
                 return list(await asyncio.to_thread(run_many, programs))
         arun = self.sandbox.arun
         out: list[Any] = []
-        waiting: list[tuple[int, asyncio.Task[Any]]] = []
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[Any]] = []
         try:
-            for i, p in enumerate(programs):
-                done, value = _start_eager(arun(p))
-                if done:
-                    out.append(value)
-                else:
-                    out.append(None)
-                    waiting.append((i, value))
-            for i, task in waiting:
-                out[i] = await task
+            for p in programs:
+                tasks.append(loop.create_task(arun(p)))
+            for task in tasks:
+                out.append(await task)
         except BaseException:
-            for _, task in waiting:
+            for task in tasks:
                 if not task.cancel() and not task.cancelled():
                     task.exception()  # retrieved: no "never retrieved" warning
             raise
@@ -924,24 +913,19 @@ class Searcher:
         arun = self.sandbox.arun
         for job, comps in gens:
             programs = self._candidates(job, comps)
-            waiting = None
+            if not programs:
+                done.append(job)
+                continue
+            loop = asyncio.get_running_loop()
+            waiting: list[tuple[_Node, asyncio.Task[Any]]] = []
             try:
                 for node, program in programs:
-                    finished, value = _start_eager(arun(program))
-                    if finished:
-                        self._apply_exec(job, node, value)
-                    else:
-                        if waiting is None:
-                            waiting = []
-                        waiting.append((node, value))
+                    waiting.append((node, loop.create_task(arun(program))))
             except BaseException:
-                for _, task in waiting or ():
+                for _, task in waiting:
                     task.cancel()
                 raise
-            if waiting is None:
-                done.append(job)
-            else:
-                self._tasks.add(asyncio.get_running_loop().create_task(self._exec_task(job, waiting)))
+            self._tasks.add(loop.create_task(self._exec_task(job, waiting)))
         return done
 
     def _submit_generated(self, gens: list[tuple[_Job, Any]], submit_many: Any) -> list[_Job]:
