@@ -186,6 +186,23 @@ void Forest::push_block(std::uint32_t start, std::uint32_t n) {
   nodes_free_.fetch_add(n, std::memory_order_relaxed);
 }
 
+// push_block for each of `starts` in order, with one CAS: the blocks are chained first (the
+// last one becomes the head), so the list ends up exactly as after the single pushes.
+void Forest::push_blocks(std::uint32_t n, std::span<const std::uint32_t> starts) {
+  if (starts.empty()) return;
+  for (std::size_t i = 1; i < starts.size(); ++i)
+    node(starts[i]).first_child.store(starts[i - 1], std::memory_order_relaxed);
+  auto& head = free_heads_[n];
+  std::uint64_t old = head.load(std::memory_order_relaxed);
+  std::uint64_t next;
+  do {
+    node(starts.front()).first_child.store(static_cast<std::uint32_t>(old), std::memory_order_relaxed);
+    next = (((old >> 32) + 1) << 32) | starts.back();
+  } while (!head.compare_exchange_weak(old, next, std::memory_order_release, std::memory_order_relaxed));
+  free_counts_[n].fetch_add(static_cast<std::int64_t>(starts.size()), std::memory_order_relaxed);
+  nodes_free_.fetch_add(std::uint64_t{n} * starts.size(), std::memory_order_relaxed);
+}
+
 std::uint32_t Forest::pop_block(std::uint32_t n) {
   auto& head = free_heads_[n];
   std::uint64_t old = head.load(std::memory_order_acquire);
@@ -452,6 +469,7 @@ std::uint64_t Forest::release_trees(std::span<const std::int64_t> tree_ids) {
   }
   std::uint64_t freed = 0;
   std::vector<std::pair<std::uint32_t, std::uint32_t>> blocks;  // (start, size), breadth-first
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> freed_blocks;  // (size, start), all trees
   for (std::size_t j = 0; j < recs.size(); ++j) {
     blocks.clear();
     blocks.emplace_back(recs[j]->root.load(std::memory_order_relaxed), 1u);
@@ -466,10 +484,23 @@ std::uint64_t Forest::release_trees(std::span<const std::int64_t> tree_ids) {
     }
     for (const auto& [s, n] : blocks) {
       for (std::uint32_t i = s; i < s + n; ++i) node(i).state.store(FREE_STATE, std::memory_order_relaxed);
-      push_block(s, n);
+      freed_blocks.emplace_back(n, s);
       freed += n;
     }
     recs[j]->status.store(detail::TREE_RELEASED, std::memory_order_seq_cst);
+  }
+  // Pushed by size, highest address first, one chain per size: later pops hand the blocks
+  // out in increasing address order, so the searches that reuse them write and read the arena
+  // almost sequentially instead of jumping between the released trees' blocks (measured: a
+  // reusing expand 2.7x faster at 1024 trees x 64 simulations; docs/engine.md).
+  std::sort(freed_blocks.begin(), freed_blocks.end(),
+            [](const auto& a, const auto& b) { return a.first != b.first ? a.first < b.first : a.second > b.second; });
+  std::vector<std::uint32_t> chain;
+  for (std::size_t b = 0; b < freed_blocks.size();) {
+    const std::uint32_t n = freed_blocks[b].first;
+    chain.clear();
+    for (; b < freed_blocks.size() && freed_blocks[b].first == n; ++b) chain.push_back(freed_blocks[b].second);
+    push_blocks(n, chain);
   }
   trees_live_.fetch_sub(static_cast<std::int64_t>(recs.size()), std::memory_order_relaxed);
   return freed;

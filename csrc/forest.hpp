@@ -336,6 +336,7 @@ class Forest {
   void plan_blocks(std::span<const std::uint32_t> sizes) const;  // throws CapacityError
   std::uint32_t alloc_block(std::uint32_t n);                      // NONE when full
   void push_block(std::uint32_t start, std::uint32_t n);
+  void push_blocks(std::uint32_t n, std::span<const std::uint32_t> starts);
   std::uint32_t pop_block(std::uint32_t n);
   void init_node(std::uint32_t i, std::uint32_t parent, float prior, std::uint64_t payload);
   void construct_node(std::uint32_t i, std::uint32_t parent, float prior, std::uint64_t payload, double reward,

@@ -75,8 +75,9 @@ written by the reference's author, the C++ side follows them or documents otherw
   size m that has one: pop it, use its first n nodes, push the remaining m - n nodes as a
   block on the list of size m - n. CapacityError when none of the three applies; a batch
   checks (by replaying these rules on counts) that all its blocks fit before taking any.
-  ``release_trees`` pushes each tree's blocks in breadth-first order (root block first),
-  trees in input order. ``add_trees``/``expand`` allocate in input order.
+  ``release_trees`` pushes the blocks of all its trees onto their lists by size, highest
+  first id first, so later pops return them in increasing id order.
+  ``add_trees``/``expand`` allocate in input order.
 * Tickets: ``generation << 32 | slot``. Slots come from a LIFO stack of freed slots, else a
   new slot (0, 1, 2, ...); a slot's generation starts at 1 and grows by 1 each time one of
   its tickets is resolved. Tree ids are 0, 1, 2, ... in creation order.

@@ -231,6 +231,24 @@ def test_release_then_memory_reuse(make: Callable[..., Any]) -> None:
     assert st["state"].tolist() == [UNEXPANDED] * 4
 
 
+def test_released_blocks_are_reused_in_increasing_id_order(make: Callable[..., Any]) -> None:
+    """release_trees pushes every released block by size, highest id first, so the searches
+    that reuse them walk the arena upwards (a growing search's order), not tree by tree."""
+    f = make(max_nodes=64)
+    trees = f.add_trees([1, 2, 3])  # roots 0, 1, 2
+    sel = f.select(trees)
+    firsts = f.expand(sel.tickets, [2, 2, 2]).tolist()  # blocks 3-4, 5-6, 7-8
+    f.cancel(sel.tickets)
+    assert firsts == [3, 5, 7]
+    f.release_trees(trees)  # pushed tree by tree, the pops would return 2, 1, 0 and 7, 5, 3
+    new = f.add_trees([4, 5, 6])
+    assert f.roots(new).tolist() == [0, 1, 2]
+    sel = f.select(new)
+    assert f.expand(sel.tickets, [2, 2, 2]).tolist() == [3, 5, 7]
+    f.cancel(sel.tickets)
+    assert f.memory_stats()["high_water"] == 9
+
+
 def test_full_arena_splits_a_larger_free_block(make: Callable[..., Any]) -> None:
     f = make(max_nodes=6)
     t, root, kids = star(f, 4)  # nodes 0 (root) and 1..4

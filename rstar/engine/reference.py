@@ -421,13 +421,17 @@ class ReferenceForest:
                     f"tree {t} has {self._trees[t].open_tickets} open tickets; resolve them first"
                 )
         freed = 0
+        blocks: list[tuple[int, int]] = []  # (size, start) of every released block
         for t in ids:
             for start, n in self._blocks_bfs(self._trees[t].root):
                 for i in range(start, start + n):
                     self._tree[i] = _FREE
-                self._free.setdefault(n, []).append(start)
+                blocks.append((n, start))
                 freed += n
             del self._trees[t]
+        # By size, highest start first: the LIFO lists hand them out in increasing order.
+        for n, start in sorted(blocks, key=lambda b: (b[0], -b[1])):
+            self._free.setdefault(n, []).append(start)
         return freed
 
     # -- selection ----------------------------------------------------------------------------
