@@ -30,6 +30,12 @@ filler, a worst case for CPython's substring search in the step parser. ``--repe
 alternates k runs of each pipeline and prints medians; ``--out DIR`` also writes the JSONL
 records (one file per run). Target: ``search %`` <= 2% at 1,000 concurrent trees; async
 faster than lock-step.
+
+By default every request gets its latency whatever the load (a server of unlimited capacity:
+~70,000 tokens/s at 1,000 trees, more than one GPU generates with the paper's 1.5B-7B
+policies). ``--server-tok-s C`` caps what the stand-in serves at C tokens/s over all requests,
+first come first served (a saturated GPU), on top of the per-request latency.
+``--turn-interval-ms`` sets the async pipeline's ``SearchConfig.turn_interval_ms``.
 """
 
 from __future__ import annotations
@@ -96,11 +102,14 @@ class LatencyGenerator:
     latency scales with the tokens generated. ``cpu_s``: thread CPU spent building
     completions and in the latency timers (the stand-in's own work, not the search's)."""
 
-    def __init__(self, base_s: float, per_token_s: float, step_tokens: int, pad: str = "code") -> None:
+    def __init__(self, base_s: float, per_token_s: float, step_tokens: int, pad: str = "code",
+                 server_tok_s: float = 0.0) -> None:
         self.tokenizer = _Tok()
         self.base_s = base_s
         self.per_token_s = per_token_s
         self.step_tokens = step_tokens
+        self.server_tok_s = server_tok_s
+        self._free_at = 0.0  # with a capacity: when the server has generated everything asked so far
         self.busy_s = 0.0
         self.cpu_s = 0.0
         width = max(4 * step_tokens - 30, 0)
@@ -151,6 +160,18 @@ class LatencyGenerator:
     def _latency(self, req: Any) -> float:
         return self.base_s + self.per_token_s * self.step_tokens
 
+    def _served_in(self, reqs: Sequence[Any]) -> float:
+        """Seconds until ``reqs`` (asked now) are generated: their own latency, or with a
+        server capacity (``server_tok_s``, tokens/s over all requests), the time the server
+        needs for everything asked before them and for them, first come first served."""
+        latency = max((self._latency(r) for r in reqs), default=0.0)
+        if self.server_tok_s <= 0:
+            return latency
+        now = time.monotonic()
+        tokens = sum(r.n for r in reqs) * self.step_tokens
+        self._free_at = max(self._free_at, now) + tokens / self.server_tok_s
+        return max(latency, self._free_at - now)
+
     def _sleep(self, delay: float) -> asyncio.Future[None]:
         """Latency timers grouped per millisecond: one loop timer completes every request
         due in that millisecond (as a batching server's client gets a step's results
@@ -175,7 +196,7 @@ class LatencyGenerator:
         self.cpu_s += time.thread_time() - t0
 
     async def agenerate(self, req: Any, *, dedup: bool = False) -> list[Any]:
-        delay = self._latency(req)
+        delay = self._served_in((req,))
         if delay > 0:
             await self._sleep(delay)
         else:
@@ -183,7 +204,7 @@ class LatencyGenerator:
         return self._comps(req)
 
     def generate(self, reqs: list[Any], *, dedup: bool = False) -> list[list[Any]]:
-        time.sleep(max((self._latency(r) for r in reqs), default=0.0))
+        time.sleep(self._served_in(reqs))
         return [self._comps(r) for r in reqs]
 
     def close(self) -> None:
@@ -328,9 +349,11 @@ class _P:
 def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = SearchConfig(mode="mcts", value=args.value, n=args.n, rollouts=args.rollouts, max_depth=args.depth,
                        error_threshold=1, pipeline=pipeline, concurrent_trees=args.trees,
+                       turn_interval_ms=args.turn_interval_ms,
                        reference_engine=args.reference)
     problems = [_P(f"q{i}", f"Problem {i}: compute {i} mod 3.", str(i % 3)) for i in range(args.trees)]
-    gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad)
+    gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad,
+                           args.server_tok_s)
     scorer = HashScorer() if args.value != "terminal" else None
     sandbox, grader = InstantSandbox(submit=args.sandbox_api == "submit"), StrGrader()
     s = Searcher(gen, scorer, cfg, sandbox=sandbox, grader=grader)
@@ -366,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-ms", type=float, default=200.0, help="per-request latency")
     p.add_argument("--per-token-ms", type=float, default=10.0, help="per generated token (decode step)")
     p.add_argument("--step-tokens", type=int, default=64)
+    p.add_argument("--server-tok-s", type=float, default=0.0,
+                   help="the server's capacity in generated tokens/s over all requests (0: unlimited)")
+    p.add_argument("--turn-interval-ms", type=float, default=0.0,
+                   help="SearchConfig.turn_interval_ms of the async pipeline")
     p.add_argument("--pad", default="code", choices=sorted(PADS), help="step body filler (see PADS)")
     p.add_argument("--sandbox-api", default="submit", choices=("submit", "arun"),
                    help="how the async pipeline runs code: futures (rstar.sandbox.Sandbox) or coroutines")

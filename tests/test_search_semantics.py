@@ -172,6 +172,21 @@ def test_many_leaves_per_tree(k: int) -> None:
     assert s.forest.memory_stats()["tickets_open"] == 0
 
 
+def test_turn_interval_batches_turns_and_keeps_the_official_trees() -> None:
+    """turn_interval_ms only delays the async loop's turns (more finished work per turn): the
+    trees stay the official ones, and a search of several turns takes the pauses."""
+    cfg = mcts_cfg(value="ppm", pipeline="async", turn_interval_ms=20.0)
+    results, s = run(cfg, scorer=FakeScorer())
+    for p, res in zip(QUESTIONS, results):
+        ref = reference_tree(p, cfg)
+        for i, r in enumerate(ref):
+            r.order = i
+        assert_same_as_official(res.record, ref)
+    assert s.stats.commits >= 2 and s.stats.wall_s >= 0.02 * (s.stats.commits - 1)
+    with pytest.raises(ValueError, match="turn_interval_ms"):
+        mcts_cfg(turn_interval_ms=-1.0)
+
+
 def test_lockstep_deterministic_and_equal_to_async() -> None:
     cfg_l = mcts_cfg(pipeline="lockstep", value="ppm")
     a, _ = run(cfg_l, scorer=FakeScorer())

@@ -29,6 +29,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -1054,6 +1055,8 @@ class Searcher:
                 take.append(pending.pop())
             return self._new_trees(take)
 
+        interval = self.cfg.turn_interval_ms / 1000.0
+        last_turn = -math.inf
         try:
             t0 = time.perf_counter()
             launch(self._start(admit()))
@@ -1071,7 +1074,12 @@ class Searcher:
                                 raise RuntimeError("search stalled with unfinished trees")
                             break
                         continue
+                if interval > 0:
+                    wait = last_turn + interval - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)  # let more work finish: one turn handles it all
                 batch = await inbox.take()
+                last_turn = loop.time()
                 t0 = time.perf_counter()
                 jobs: list[_Job] = []
                 gens: list[tuple[_Job, Any]] = []
