@@ -265,9 +265,9 @@ def test_local_run_resumes_and_uses_factory(tmp_path: Path) -> None:
     assert sorted(ids[:4]) == [p.id for p in probs[:4]] and sorted(ids) == sorted(p.id for p in probs)
 
 
-def test_streaming_searcher_hands_out_every_record() -> None:
-    """The actors stream records through StreamingSearcher.on_record (a hook on the
-    Searcher's per-problem write): every problem, once, as it finishes."""
+def test_searcher_on_record_hands_out_every_record() -> None:
+    """The actors stream records through Searcher.on_record: every problem, once, as it
+    finishes."""
     from rstar.distributed import build_searcher
 
     job = SearchJob(model="-", config=FAKE_CFG, factory="test_distributed:scripted_factory")

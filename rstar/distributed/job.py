@@ -150,23 +150,12 @@ def build_components(job: SearchJob) -> SearchComponents:
 
 
 def build_searcher(job: SearchJob, components: SearchComponents | None = None) -> Any:
-    """A ``StreamingSearcher`` over ``components`` (built from ``job`` when None). Closing the
-    searcher closes what it created (sandbox, grader), not the components."""
+    """A ``Searcher`` over ``components`` (built from ``job`` when None); the Ray actors
+    stream records through its ``on_record``. Closing the searcher closes what it created
+    (sandbox, grader), not the components."""
     comps = components if components is not None else build_components(job)
-    return StreamingSearcher(comps.generator, comps.scorer, job.search_config(),
-                             sandbox=comps.sandbox, grader=comps.grader)
-
-
-class StreamingSearcher(Searcher):
-    """A ``Searcher`` that also hands every finished record to ``on_record`` (the Ray actors
-    stream records back to the driver as problems finish, not per batch)."""
-
-    on_record: Callable[[dict[str, Any]], None] | None = None
-
-    def _write(self, t: Any, rec: dict[str, Any], writer: Any, results: Any, bar: Any) -> None:
-        super()._write(t, rec, writer, results, bar)
-        if self.on_record is not None:
-            self.on_record(rec)
+    return Searcher(comps.generator, comps.scorer, job.search_config(),
+                    sandbox=comps.sandbox, grader=comps.grader)
 
 
 def run_local(job: SearchJob, problems: Any, out: Any = None, *, progress: bool = True,

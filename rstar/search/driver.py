@@ -444,6 +444,10 @@ class Searcher:
     and ``grader`` to ``rstar.grading.Grader()`` (both closed by ``close`` only when created
     here).
 
+    ``on_record``: called on the event loop with each problem's JSON record as soon as the
+    problem finishes (after it is appended to ``out``), e.g. to stream data into a training
+    loop; the attribute may be set between runs.
+
     ``gc_threshold``: while ``run`` / ``arun`` runs, CPython's generation-0 GC threshold is
     raised to at least this (and restored after). The search allocates many short-lived
     containers (requests and their token-id lists live for one generation latency); with
@@ -462,8 +466,10 @@ class Searcher:
         sandbox: Any = None,
         grader: Any = None,
         forest: Any = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.cfg = config or SearchConfig()
+        self.on_record = on_record
         if self.cfg.needs_scorer and scorer is None:
             raise ValueError(
                 f"mode={self.cfg.mode} value={self.cfg.value} vote={self.cfg.vote} needs a scorer (PPM)"
@@ -1439,7 +1445,7 @@ class Searcher:
     def _write_all(self, items: list[tuple[_Tree, dict[str, Any]]], writer: ResultWriter | None,
                    results: dict[str, SearchResult], bar: _Progress) -> None:
         """Append the records finished together with one write and one fsync, then hand
-        each to ``_write`` (results, counters, progress; subclasses hook it)."""
+        each to ``_write`` (results, counters, progress, ``on_record``)."""
         if writer is not None:
             writer.write_many([rec for _, rec in items])
         for t, rec in items:
@@ -1455,6 +1461,8 @@ class Searcher:
         if res.correct:
             self.stats.solved += 1
         bar.done(bool(res.correct))
+        if self.on_record is not None:
+            self.on_record(rec)
 
 
 def _result_of(rec: dict[str, Any]) -> SearchResult:
