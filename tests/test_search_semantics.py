@@ -187,6 +187,22 @@ def test_turn_interval_batches_turns_and_keeps_the_official_trees() -> None:
         mcts_cfg(turn_interval_ms=-1.0)
 
 
+@pytest.mark.parametrize("pipeline", ["async", "lockstep"])
+def test_on_record_sees_each_problem_once_after_its_line_is_written(tmp_path, pipeline: str) -> None:
+    out = tmp_path / "trees.jsonl"
+    seen: list[tuple[str, int]] = []
+
+    def on_record(rec: dict) -> None:  # the record is already in the file when we get it
+        ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+        seen.append((rec["id"], ids.count(rec["id"])))
+
+    cfg = mcts_cfg(pipeline=pipeline)
+    with Searcher(ScriptedGenerator(), None, cfg, sandbox=FakeSandbox(), grader=FakeGrader(),
+                  on_record=on_record) as s:
+        results = s.run(QUESTIONS, out, progress=False)
+    assert sorted(seen) == sorted((r.id, 1) for r in results)
+
+
 def test_lockstep_deterministic_and_equal_to_async() -> None:
     cfg_l = mcts_cfg(pipeline="lockstep", value="ppm")
     a, _ = run(cfg_l, scorer=FakeScorer())
