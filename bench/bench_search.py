@@ -116,7 +116,7 @@ class LatencyGenerator:
         unit = PADS[pad]
         self._pad = (unit * (width // len(unit) + 1))[:width]
         self._cache: dict[tuple[Any, ...], Completion] = {}
-        self._due: dict[tuple[Any, int], list[asyncio.Future[None]]] = {}
+        self._due: dict[tuple[Any, int], list[tuple[asyncio.Future[Any], Any]]] = {}
 
     def _build(self, key: tuple[Any, ...]) -> Completion:
         kind, a, b, stops = key
@@ -172,10 +172,11 @@ class LatencyGenerator:
         self._free_at = max(self._free_at, now) + tokens / self.server_tok_s
         return max(latency, self._free_at - now)
 
-    def _sleep(self, delay: float) -> asyncio.Future[None]:
+    def _sleep(self, delay: float, req: Any = None) -> asyncio.Future[Any]:
         """Latency timers grouped per millisecond: one loop timer completes every request
         due in that millisecond (as a batching server's client gets a step's results
-        together), instead of one timer per request. Adds at most 1 ms of latency."""
+        together), instead of one timer per request. Adds at most 1 ms of latency. With
+        ``req``, the future's result is the request's completions."""
         t0 = time.thread_time()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -184,16 +185,21 @@ class LatencyGenerator:
         if due is None:
             due = self._due[key] = []
             loop.call_at(key[1] / 1000.0, self._fire, key)
-        due.append(fut)
+        due.append((fut, req))
         self.cpu_s += time.thread_time() - t0
         return fut
 
     def _fire(self, key: tuple[Any, int]) -> None:
         t0 = time.thread_time()
-        for fut in self._due.pop(key):
+        for fut, req in self._due.pop(key):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(None if req is None else self._comps(req))
         self.cpu_s += time.thread_time() - t0
+
+    def submit(self, req: Any, *, dedup: bool = False) -> asyncio.Future[list[Any]]:
+        """``agenerate`` as a future (``Generator.submit``); ``--generator-api agenerate``
+        hides it."""
+        return self._sleep(self._served_in((req,)), req)
 
     async def agenerate(self, req: Any, *, dedup: bool = False) -> list[Any]:
         delay = self._served_in((req,))
@@ -354,6 +360,8 @@ def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     problems = [_P(f"q{i}", f"Problem {i}: compute {i} mod 3.", str(i % 3)) for i in range(args.trees)]
     gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad,
                            args.server_tok_s)
+    if args.generator_api == "agenerate":
+        gen.submit = None  # type: ignore[assignment, method-assign]
     scorer = HashScorer() if args.value != "terminal" else None
     sandbox, grader = InstantSandbox(submit=args.sandbox_api == "submit"), StrGrader()
     s = Searcher(gen, scorer, cfg, sandbox=sandbox, grader=grader)
@@ -391,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-tokens", type=int, default=64)
     p.add_argument("--server-tok-s", type=float, default=0.0,
                    help="the server's capacity in generated tokens/s over all requests (0: unlimited)")
+    p.add_argument("--generator-api", default="submit", choices=("submit", "agenerate"),
+                   help="how the async pipeline waits for generations: futures or a task per request")
     p.add_argument("--turn-interval-ms", type=float, default=0.0,
                    help="SearchConfig.turn_interval_ms of the async pipeline")
     p.add_argument("--pad", default="code", choices=sorted(PADS), help="step body filler (see PADS)")

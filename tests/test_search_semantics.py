@@ -381,6 +381,58 @@ def test_failed_sandbox_future_reaches_the_caller() -> None:
         sandbox.close()
 
 
+class FuturesGenerator(ScriptedGenerator):
+    """``submit`` returns an asyncio future (``Generator.submit``, as ``HFGenerator`` has),
+    finished later by a loop callback, out of submission order; ``agenerate`` must not be
+    used. ``fail_after``: the n-th request fails."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.fail_after = fail_after
+        self.submitted = 0
+
+    def submit(self, request, *, dedup: bool = False):
+        import asyncio
+
+        self.submitted += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fail = self.fail_after is not None and self.submitted >= self.fail_after
+
+        def finish() -> None:
+            if fut.done():
+                return
+            if fail:
+                fut.set_exception(RuntimeError("generation server gone"))
+            else:
+                fut.set_result(self._one(request))
+
+        loop.call_later((self.submitted * 7919 % 13) / 1000.0, finish)
+        return fut
+
+    async def agenerate(self, request, *, dedup: bool = False):
+        raise AssertionError("the async pipeline must use submit when the generator has it")
+
+
+@pytest.mark.parametrize("value", ["terminal", "ppm"])
+def test_mcts_matches_official_with_futures_generator(value: str) -> None:
+    gen = FuturesGenerator()
+    cfg = mcts_cfg(value=value, pipeline="async")
+    results, _ = run(cfg, gen=gen, scorer=FakeScorer() if value != "terminal" else None)
+    assert gen.submitted > len(QUESTIONS)
+    for p, res in zip(QUESTIONS, results):
+        check_tree(res.record)
+        ref = reference_tree(p, cfg)
+        for i, r in enumerate(ref):
+            r.order = i
+        assert_same_as_official(res.record, ref)
+
+
+def test_failed_generator_future_reaches_the_caller() -> None:
+    with pytest.raises(RuntimeError, match="generation server gone"):
+        run(mcts_cfg(value="terminal", pipeline="async"), QUESTIONS[:3], gen=FuturesGenerator(fail_after=5))
+
+
 def test_normalise_program_is_the_line_rule() -> None:
     """The program normaliser = drop blank lines (``strip()`` empty) at both ends of
     ``split("\\n")``, join, one final newline; checked on random strings."""

@@ -66,7 +66,12 @@ class Completion:
 
 @runtime_checkable
 class Generator(Protocol):
-    """Step generation: per request, ``n`` completions in sample order."""
+    """Step generation: per request, ``n`` completions in sample order.
+
+    A generator may also offer ``submit(request, *, dedup=False) -> asyncio.Future`` (a
+    future on the running event loop that ``agenerate`` would have awaited, as
+    ``HFGenerator`` does): the async search then waits on the future with a callback, with
+    no task or coroutine per request."""
 
     tokenizer: Any
 

@@ -285,6 +285,10 @@ class HFGenerator:
     async def agenerate(self, request: GenerationRequest, *, dedup: bool = False) -> list[Completion]:
         """One request; concurrent calls made within ``batch_wait_ms`` (and all calls made
         while a batch is running) are decoded together in one batch on a worker thread."""
+        return await self.submit(request, dedup=dedup)
+
+    def submit(self, request: GenerationRequest, *, dedup: bool = False) -> asyncio.Future[list[Completion]]:
+        """``agenerate`` without the coroutine: the future (on the running loop) it awaits."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (e.g. a second asyncio.run)
             self._loop, self._pending, self._flusher = loop, [], None
@@ -292,7 +296,7 @@ class HFGenerator:
         self._pending.append((request, dedup, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_loop())
-        return await fut
+        return fut
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -883,7 +883,8 @@ class Searcher:
                 c.ppm = float(v)
 
     # async pipeline ------------------------------------------------------------------
-    # One task per job only while its request is out (``agenerate``). What follows runs on
+    # While a job's request is out: its generator future and a done callback
+    # (``Generator.submit``), else one task (``agenerate``). What follows runs on
     # the main loop over everything that arrived together: parsing, the code (sandbox
     # futures with one countdown per job, or ``arun`` tasks), then
     # grading / PPM scoring through the batchers (one submission per group of jobs), then
@@ -1049,10 +1050,25 @@ class Searcher:
         pending = list(reversed(todo))
         inflight = 0  # jobs launched and not committed + batches of finished trees being recorded
 
+        submit = getattr(self.gen, "submit", None)
+        waiting: set[asyncio.Future[Any]] = set()  # generator futures not yet done
+
+        def generated(job: _Job, fut: asyncio.Future[Any]) -> None:
+            waiting.discard(fut)
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            inbox.put(("error", exc) if exc is not None else ("gen", (job, fut.result())))
+
         def launch(jobs: list[_Job]) -> None:
             nonlocal inflight
             for j in jobs:
-                tasks.add(loop.create_task(self._gen_task(j, self._request(j))))
+                if submit is not None:  # a future per request, no task (Generator.submit)
+                    fut = submit(self._request(j))
+                    waiting.add(fut)
+                    fut.add_done_callback(functools.partial(generated, j))
+                else:
+                    tasks.add(loop.create_task(self._gen_task(j, self._request(j))))
             inflight += len(jobs)
 
         def admit() -> list[_Tree]:
@@ -1131,6 +1147,8 @@ class Searcher:
         finally:
             for task in list(tasks):
                 task.cancel()
+            for fut in list(waiting):
+                fut.cancel()
 
     async def _final_task(self, trees: list[_Tree]) -> None:
         try:
