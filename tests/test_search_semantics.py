@@ -386,9 +386,10 @@ class FuturesGenerator(ScriptedGenerator):
     finished later by a loop callback, out of submission order; ``agenerate`` must not be
     used. ``fail_after``: the n-th request fails."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, cancel: bool = False) -> None:
         super().__init__()
         self.fail_after = fail_after
+        self.cancel = cancel
         self.submitted = 0
 
     def submit(self, request, *, dedup: bool = False):
@@ -402,7 +403,9 @@ class FuturesGenerator(ScriptedGenerator):
         def finish() -> None:
             if fut.done():
                 return
-            if fail:
+            if fail and self.cancel:
+                fut.cancel()
+            elif fail:
                 fut.set_exception(RuntimeError("generation server gone"))
             else:
                 fut.set_result(self._one(request))
@@ -431,6 +434,11 @@ def test_mcts_matches_official_with_futures_generator(value: str) -> None:
 def test_failed_generator_future_reaches_the_caller() -> None:
     with pytest.raises(RuntimeError, match="generation server gone"):
         run(mcts_cfg(value="terminal", pipeline="async"), QUESTIONS[:3], gen=FuturesGenerator(fail_after=5))
+    import asyncio
+
+    with pytest.raises(asyncio.CancelledError, match="cancelled"):  # never a stall
+        run(mcts_cfg(value="terminal", pipeline="async"), QUESTIONS[:3],
+            gen=FuturesGenerator(fail_after=5, cancel=True))
 
 
 def test_normalise_program_is_the_line_rule() -> None:

@@ -1055,7 +1055,8 @@ class Searcher:
 
         def generated(job: _Job, fut: asyncio.Future[Any]) -> None:
             waiting.discard(fut)
-            if fut.cancelled():
+            if fut.cancelled():  # by the generator (a shutdown): the search cannot go on
+                inbox.put(("error", asyncio.CancelledError("a generation request was cancelled")))
                 return
             exc = fut.exception()
             inbox.put(("error", exc) if exc is not None else ("gen", (job, fut.result())))
