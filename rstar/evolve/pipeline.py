@@ -438,6 +438,7 @@ class Evolution:
             if scorer is not None:
                 scorer.close()
 
+
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
 
