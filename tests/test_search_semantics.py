@@ -517,3 +517,58 @@ def test_result_writer_appends_batches_and_cuts_a_torn_line(tmp_path) -> None:
     w.write_many([{"id": "d", "x": 4}])
     w.close()
     assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c", "d"]
+
+
+def test_inbox_from_other_threads_loses_nothing_and_wakes_once_per_wait(monkeypatch) -> None:
+    """``_Inbox.put_threadsafe`` (the sandbox's result thread): every item arrives, in each
+    thread's order, whether the loop is waiting, busy or pacing its turns; another thread
+    wakes the loop only while it waits, at most once per wait."""
+    import asyncio
+    import random
+    import threading
+    import time
+
+    from rstar.search.driver import _Inbox
+
+    threads_n, per_thread = 4, 3000
+    wakes = 0
+    wake = _Inbox._wake
+
+    def counted_wake(self: _Inbox) -> None:
+        nonlocal wakes
+        wakes += 1
+        wake(self)
+
+    monkeypatch.setattr(_Inbox, "_wake", counted_wake)
+
+    async def main() -> tuple[list[tuple[str, int]], int]:
+        inbox = _Inbox(asyncio.get_running_loop())
+
+        def producer(k: int) -> None:
+            rng = random.Random(k)
+            for i in range(per_thread):
+                inbox.put_threadsafe((f"t{k}", i))
+                if rng.random() < 0.01:
+                    time.sleep(0.0005)
+
+        threads = [threading.Thread(target=producer, args=(k,)) for k in range(threads_n)]
+        for t in threads:
+            t.start()
+        got: list[tuple[str, int]] = []
+        waits = 0
+        rng = random.Random(0)
+        while len(got) < threads_n * per_thread:
+            if rng.random() < 0.3:
+                await asyncio.sleep(0.001)  # pacing: nothing may wake the loop meanwhile
+            if not inbox.items and not inbox._remote:
+                waits += 1  # take() is about to wait
+            got += await asyncio.wait_for(inbox.take(), 10)  # a lost wake-up fails, never hangs
+        for t in threads:
+            t.join()
+        return got, waits
+
+    got, waits = asyncio.run(main())
+    assert len(got) == threads_n * per_thread
+    for k in range(threads_n):
+        assert [i for name, i in got if name == f"t{k}"] == list(range(per_thread))
+    assert 0 < wakes <= waits + 1

@@ -356,14 +356,24 @@ class _Batcher:
 
 class _Inbox:
     """What the async main loop waits for: finished jobs, finished records and errors,
-    appended by the job tasks and the batchers' callbacks; the loop takes them all at once
-    (one waiter future per wait, not a queue operation per item)."""
+    appended by callbacks on the loop (``put``) and by other threads (``put_threadsafe``:
+    the sandbox's result thread); the loop takes them all at once (one waiter future per
+    wait, not a queue operation per item).
 
-    __slots__ = ("items", "_waiter")
+    Another thread wakes the loop only while it waits in ``take`` with nothing to take,
+    and once per wait: between turns (and while the loop paces its turns) items from
+    other threads just queue up, so a batch of sandbox results costs one wake-up, or
+    none."""
 
-    def __init__(self) -> None:
+    __slots__ = ("items", "_waiter", "_remote", "_loop", "_waiting", "_signalled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.items: list[tuple[str, Any]] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._remote: deque[tuple[str, Any]] = deque()  # from other threads (append is atomic)
+        self._loop = loop
+        self._waiting = False  # the loop is (about to be) blocked in take()
+        self._signalled = False  # a wake-up is on its way for this wait
 
     def put(self, item: tuple[str, Any]) -> None:
         self.items.append(item)
@@ -371,13 +381,42 @@ class _Inbox:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def take(self) -> list[tuple[str, Any]]:
-        if not self.items:
-            self._waiter = asyncio.get_running_loop().create_future()
+    def put_threadsafe(self, item: tuple[str, Any]) -> None:
+        """``put`` from any thread. Append first, then look at ``_waiting`` (take() sets
+        it before it looks at the queue): either take() sees the item or this call sees
+        the loop waiting and wakes it. Dropped once the loop is closed."""
+        self._remote.append(item)
+        if self._waiting and not self._signalled:
+            self._signalled = True
             try:
-                await self._waiter
+                self._loop.call_soon_threadsafe(self._wake)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop is closed: the search has already ended
+                pass
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _drain(self) -> None:
+        remote = self._remote
+        while remote:
+            self.items.append(remote.popleft())
+
+    async def take(self) -> list[tuple[str, Any]]:
+        self._drain()
+        while not self.items:  # (a late wake-up of an earlier wait may find nothing)
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            self._signalled = False
+            self._waiting = True
+            try:
+                self._drain()  # what arrived before _waiting was seen
+                if not self.items:
+                    await waiter
             finally:
+                self._waiting = False
                 self._waiter = None
+            self._drain()
         items, self.items = self.items, []
         return items
 
@@ -394,15 +433,6 @@ def _gc_threshold(threshold0: int | None) -> Any:
     finally:
         if gc.get_threshold()[0] == threshold0:  # unless someone changed it meanwhile
             gc.set_threshold(*old)
-
-
-def _post_threadsafe(loop: asyncio.AbstractEventLoop, put: Any, item: Any) -> None:
-    """Hand ``item`` to the loop's inbox from any thread; dropped once the loop is closed
-    (the search has already failed or been cancelled)."""
-    try:
-        loop.call_soon_threadsafe(put, item)
-    except RuntimeError:
-        pass
 
 
 class _Countdown:
@@ -938,8 +968,7 @@ class Searcher:
 
     def _submit_generated(self, gens: list[tuple[_Job, Any]], submit_many: Any) -> list[_Job]:
         done = []
-        loop = asyncio.get_running_loop()
-        put = self._inbox.put
+        put = self._inbox.put_threadsafe
         for job, comps in gens:
             candidates = self._candidates(job, comps)
             futures = list(zip([node for node, _ in candidates],
@@ -949,8 +978,7 @@ class Searcher:
                 self._apply_futures(job, futures)
                 done.append(job)
                 continue
-            countdown = _Countdown(len(running), functools.partial(
-                _post_threadsafe, loop, put, ("exec_futures", (job, futures))))
+            countdown = _Countdown(len(running), functools.partial(put, ("exec_futures", (job, futures))))
             for f in running:
                 f.add_done_callback(countdown.tick)
         return done
@@ -1044,9 +1072,9 @@ class Searcher:
 
     async def _run_async(self, todo: list[tuple[int, Any]], writer: ResultWriter | None,
                          results: dict[str, SearchResult], bar: _Progress) -> None:
-        inbox = self._inbox = _Inbox()
-        tasks = self._tasks = set()
         loop = asyncio.get_running_loop()
+        inbox = self._inbox = _Inbox(loop)
+        tasks = self._tasks = set()
         pending = list(reversed(todo))
         inflight = 0  # jobs launched and not committed + batches of finished trees being recorded
 
