@@ -572,3 +572,29 @@ def test_inbox_from_other_threads_loses_nothing_and_wakes_once_per_wait(monkeypa
     for k in range(threads_n):
         assert [i for name, i in got if name == f"t{k}"] == list(range(per_thread))
     assert 0 < wakes <= waits + 1
+
+
+@pytest.mark.parametrize("value", ["terminal", "ppm"])
+def test_async_search_leaves_no_per_job_cycles(value: str) -> None:
+    """Jobs, nodes and trees are freed by reference counting, not left to the cyclic GC
+    (a job's sandbox futures and their countdown once formed a cycle: each collection then
+    walked every in-flight token list, ~15% of the search's CPU at 1,000 trees)."""
+    import gc
+
+    cfg = mcts_cfg(value=value, pipeline="async")
+    sandbox = FuturesSandbox()
+    gc.collect()
+    gc.disable()
+    try:
+        results, _ = run(cfg, QUESTIONS[:6], scorer=FakeScorer(), sandbox=sandbox)
+        assert sandbox.submitted > 0 and len(results) == 6
+        del results
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        sandbox.close()
+    assert not kinds & {"_Job", "_Node", "_Tree", "_Countdown"}, kinds

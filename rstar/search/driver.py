@@ -449,9 +449,14 @@ class _Countdown:
     def tick(self, _: Any = None) -> None:
         with self._lock:
             self._left -= 1
-            last = self._left == 0
-        if last:
-            self._fire()
+            fire = None
+            if self._left == 0:
+                # dropped before the call: the futures' callback lists hold this countdown,
+                # and ``fire`` holds the futures; the cycle would leave every job (its tree,
+                # nodes and token lists) to the cyclic GC instead of reference counting
+                fire, self._fire = self._fire, None
+        if fire is not None:
+            fire()
 
 
 def _request_seed(base: int, pid: str, leaf: int, attempt: int) -> int:
