@@ -115,7 +115,7 @@ def phase_async(model: str, out: dict) -> None:
     t = time.perf_counter()
     gen = VLLMGenerator(model, **CPU_ENGINE)
     reqs = requests_for(gen.tokenizer)
-    _ = gen.async_engine
+    _ = gen.llm
     out["async_start_s"] = time.perf_counter() - t
 
     async def run() -> tuple[list, float, float]:
@@ -131,6 +131,23 @@ def phase_async(model: str, out: dict) -> None:
         for r in many[:6]:  # one at a time, for comparison with the concurrent run
             await gen.agenerate(r)
         serial_s = (time.perf_counter() - t1) * len(many) / 6
+        # the same engine serves a blocking generate (another thread) while futures are pending
+        futs = [gen.submit(r) for r in many]
+        out["async_mixed_generate"] = _dump(await asyncio.to_thread(gen.generate, reqs["sampled"]))
+        out["async_mixed_submit"] = _dump(await asyncio.gather(*futs))
+        # cancelling a future aborts its request in the engine
+        long = [GenerationRequest(prompt_ids=reqs["prompt_ids"][0], n=1, max_new_tokens=400, temperature=1.0, seed=k)
+                for k in range(8)]
+        futs = [gen.submit(r) for r in long]
+        await asyncio.sleep(0.2)
+        for f in futs:
+            f.cancel()
+        engine = gen.llm.llm_engine
+        t2 = time.perf_counter()
+        while engine.get_num_unfinished_requests() and time.perf_counter() - t2 < 10:
+            await asyncio.sleep(0.05)
+        out["async_unfinished_after_cancel"] = engine.get_num_unfinished_requests()
+        out["async_after_cancel"] = _dump([await gen.agenerate(reqs["greedy"][0])])
         return [greedy, res], concurrent_s, serial_s
 
     try:

@@ -1,8 +1,8 @@
 """vLLM backends on the tiny models, checked against the transformers backends.
 
-vLLM runs once per session in a subprocess (tests/_vllm_checks.py: offline LLM, AsyncLLM and
-the pooling scorer, one after the other) because it spawns engine processes; the test compares
-its JSON with HFGenerator / HFScorer here. Set RSTAR_REQUIRE_VLLM=1 in CI so that a missing
+vLLM runs once per session in a subprocess (tests/_vllm_checks.py: generate, then
+submit/agenerate, then the pooling scorer) because it spawns engine processes; the tests
+compare its JSON with HFGenerator / HFScorer here. Set RSTAR_REQUIRE_VLLM=1 in CI so that a missing
 vllm fails instead of skipping."""
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def test_vllm_truncates_long_prompts_with_a_warning(vllm_out: dict) -> None:
 
 
 def test_async_engine(vllm_out: dict, hf, reqs: dict) -> None:
-    """AsyncLLM: concurrent agenerate calls give the offline results (greedy) and follow the
+    """submit/agenerate: concurrent calls give the offline results (greedy) and follow the
     contract; running 24 of them concurrently is faster than one at a time (continuous
     batching)."""
     from rstar.backends import GenerationRequest
@@ -143,6 +143,20 @@ def test_async_engine(vllm_out: dict, hf, reqs: dict) -> None:
         r = GenerationRequest(prompt_ids=reqs["prompt_ids"][k % 3], n=2, max_new_tokens=64, stop=("<end_of_step>",), seed=k)
         assert_valid_completions(comps, r, hf.tokenizer)
     assert vllm_out["async_concurrent_s"] < 0.8 * vllm_out["async_serial_estimate_s"]
+
+
+def test_one_engine_serves_generate_and_submit_together(vllm_out: dict) -> None:
+    """A blocking ``generate`` from another thread while futures are pending on the same
+    engine: both get what they get alone (seeded requests)."""
+    assert vllm_out["async_mixed_generate"] == vllm_out["gen_sampled"]
+    assert vllm_out["async_mixed_submit"] == vllm_out["async_many"]
+
+
+def test_cancelled_future_aborts_its_request(vllm_out: dict) -> None:
+    """Cancelling a submit future aborts its request in the engine (nothing left running),
+    and the engine still serves the next request."""
+    assert vllm_out["async_unfinished_after_cancel"] == 0
+    assert vllm_out["async_after_cancel"] == [vllm_out["gen_greedy"][0]]
 
 
 def test_vllm_scorer_matches_hf_scorer(vllm_out: dict, classifier_dir: Path) -> None:

@@ -1,5 +1,6 @@
-"""vLLM backends: ``VLLMGenerator`` (offline ``LLM`` for batched calls, ``AsyncLLM`` for
-continuous batching) and ``VLLMScorer`` (pooling runner, ``classify``).
+"""vLLM backends: ``VLLMGenerator`` (one offline engine stepped by its own thread, for
+batched calls and for single requests from an event loop) and ``VLLMScorer`` (pooling
+runner, ``classify``).
 
 vLLM is optional: this module imports it only when an engine is built, so importing
 ``rstar.backends`` never needs it. Prompts always go to the engine as token ids
@@ -9,10 +10,14 @@ automatic prefix cache hits on every shared ancestor."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import math
+import queue
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,11 +101,199 @@ def _to_completion(o: Any, tokenizer: Any) -> Completion:
     raise RuntimeError(f"vLLM request ended with finish_reason={o.finish_reason!r}")
 
 
+class _Sink:
+    """Where one request's completions go: an asyncio future (resolved on its loop) or a
+    ``concurrent.futures`` future (resolved in the engine thread)."""
+
+    __slots__ = ("fut", "loop", "dedup")
+
+    def __init__(self, fut: Any, loop: asyncio.AbstractEventLoop | None, dedup: bool) -> None:
+        self.fut = fut
+        self.loop = loop
+        self.dedup = dedup
+
+
+def _resolve(fut: Any, value: Any) -> None:
+    """Set a future's result (or exception) unless its caller cancelled it meanwhile."""
+    if fut.done():
+        return
+    try:
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+    except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
+        pass  # cancelled between the check and the call (a blocking caller's future)
+
+
+def _settle(items: list[tuple[Any, Any]]) -> None:
+    """Resolve asyncio futures on their loop: one call per loop and engine step."""
+    for fut, value in items:
+        _resolve(fut, value)
+
+
+class _EngineThread:
+    """Owns a vLLM ``LLMEngine`` and steps it from one thread.
+
+    Why: ``AsyncLLM`` wakes one coroutine per request and processes each step's outputs on
+    the caller's event loop. Here requests go in through a queue, the engine's own step loop
+    (as ``LLM.generate`` runs it) turns in this thread, and each step's finished requests
+    go back to each event loop in one ``call_soon_threadsafe``. Offline ``generate`` and
+    ``submit`` share the engine, so one generator (one copy of the weights) serves both
+    pipelines. Cancelled futures are noticed within ``ABORT_SCAN_S`` and their requests
+    aborted; ``close`` aborts everything still running."""
+
+    ABORT_SCAN_S = 0.5
+
+    def __init__(self, engine: Any, tokenizer: Any) -> None:
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}
+        self._ids = itertools.count()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._dead = False  # the thread has stopped taking requests
+        self._thread = threading.Thread(target=self._run, name="rstar-vllm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ any thread
+    def add(self, prompt: Any, params: Any, sink: _Sink) -> str:
+        if self._closed:
+            raise RuntimeError("the VLLMGenerator is closed")
+        if self._error is not None:
+            raise RuntimeError("the vLLM engine failed earlier") from self._error
+        rid = f"rstar-{next(self._ids)}"
+        self._inbox.put(("add", rid, prompt, params, sink))
+        if self._dead:  # stopped meanwhile: nobody else will take it from the queue
+            self._fail_queued(self._error or RuntimeError("the VLLMGenerator is closed"))
+        return rid
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(None)
+        self._thread.join()
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        engine = self._engine
+        next_scan = time.monotonic() + self.ABORT_SCAN_S
+        try:
+            while True:
+                if engine.has_unfinished_requests():
+                    items = self._drain([])
+                else:
+                    if self._sinks:  # cannot happen with vLLM's bookkeeping; never wait forever
+                        orphans, self._sinks = list(self._sinks.values()), {}
+                        self._send([(s, RuntimeError("vLLM dropped the request")) for s in orphans])
+                    items = self._drain([self._inbox.get()])  # idle: sleep until a request comes
+                for item in items:
+                    if item is None:
+                        self._shutdown(RuntimeError("the VLLMGenerator was closed with this request running"))
+                        return
+                    self._handle(item)
+                if time.monotonic() >= next_scan:
+                    self._abort_cancelled()
+                    next_scan = time.monotonic() + self.ABORT_SCAN_S
+                if engine.has_unfinished_requests():
+                    self._deliver(engine.step())
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller gets it
+            self._error = exc
+            logger.exception("the vLLM engine thread failed")
+            self._shutdown(exc)
+
+    def _drain(self, items: list[Any]) -> list[Any]:
+        """``items`` plus everything queued now, without waiting."""
+        get = self._inbox.get_nowait
+        while True:
+            try:
+                items.append(get())
+            except queue.Empty:
+                return items
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "abort":
+            if self._sinks.pop(item[1], None) is not None:
+                self._engine.abort_request([item[1]])
+            return
+        _, rid, prompt, params, sink = item
+        if sink.fut.done():  # cancelled before it reached the engine
+            return
+        try:
+            self._engine.add_request(rid, prompt, params)
+        except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
+            self._send([(sink, exc)])
+            return
+        self._sinks[rid] = sink
+
+    def _abort_cancelled(self) -> None:
+        gone = [rid for rid, s in self._sinks.items() if s.fut.cancelled()]
+        for rid in gone:
+            del self._sinks[rid]
+        if gone:
+            self._engine.abort_request(gone)
+
+    def _deliver(self, outputs: list[Any]) -> None:
+        done = []
+        for out in outputs:
+            if not out.finished:
+                continue
+            sink = self._sinks.pop(out.request_id, None)
+            if sink is None:  # aborted meanwhile
+                continue
+            try:
+                comps = [_to_completion(o, self._tokenizer) for o in sorted(out.outputs, key=lambda o: o.index)]
+                value: Any = dedup_completions(comps) if sink.dedup else comps
+            except Exception as exc:  # noqa: BLE001 - an unknown finish reason fails its request
+                value = exc
+            done.append((sink, value))
+        if done:
+            self._send(done)
+
+    def _send(self, done: list[tuple[_Sink, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+        for sink, value in done:
+            if sink.loop is None:
+                _resolve(sink.fut, value)
+            else:
+                by_loop.setdefault(sink.loop, []).append((sink.fut, value))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
+
+    def _shutdown(self, exc: BaseException) -> None:
+        """Fail every request still running or queued, and abort the running ones."""
+        self._dead = True
+        running = list(self._sinks.items())
+        self._sinks.clear()
+        if running:
+            try:
+                self._engine.abort_request([rid for rid, _ in running])
+            except Exception:  # noqa: BLE001 - the engine may be what failed
+                logger.debug("aborting at shutdown failed", exc_info=True)
+            self._send([(s, exc) for _, s in running])
+        self._fail_queued(exc)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Fail the requests still in the queue (they never reached the engine)."""
+        self._send([(item[4], exc) for item in self._drain([]) if item is not None and item[0] == "add"])
+
+
 class VLLMGenerator:
-    """``Generator`` on vLLM. ``generate`` uses the offline ``LLM`` (all requests in one call);
-    ``agenerate`` uses ``AsyncLLM`` (each call is a request in the engine's continuous batch).
-    The engine is created on first use; one instance drives one engine, so do not mix the two
-    calls on the same instance."""
+    """``Generator`` on vLLM: one offline engine (``LLM``), stepped by a thread of its own.
+
+    ``generate`` (a batch, blocking), ``agenerate`` and ``submit`` (one request each, from
+    an event loop) all feed the same engine, whose continuous batching serves them
+    together. ``submit`` returns the future ``agenerate`` awaits, so the async search makes
+    no task per request and is woken once per engine step for all requests that finished in
+    it. The engine is created on first use."""
 
     def __init__(self, model: str, config: VLLMConfig | None = None, **overrides: Any) -> None:
         _require_vllm()
@@ -112,11 +305,11 @@ class VLLMGenerator:
             self.config.tokenizer or model, trust_remote_code=self.config.trust_remote_code
         )
         self._llm: Any = None
-        self._async: Any = None
-        self._ids = itertools.count()
+        self._runner: _EngineThread | None = None
+        self._lock = threading.Lock()
         self.max_model_len: int | None = self.config.max_model_len
 
-    # ------------------------------------------------------------------ engines
+    # ------------------------------------------------------------------ engine
     def _engine_max_len(self, model_config: Any) -> int:
         return int(self.max_model_len or model_config.max_model_len)
 
@@ -141,40 +334,35 @@ class VLLMGenerator:
 
     @property
     def llm(self) -> Any:
-        if self._llm is None:
-            if self._async is not None:
-                raise RuntimeError("this VLLMGenerator already runs an AsyncLLM; use agenerate")
-            from vllm import LLM
+        """The offline ``LLM`` (built on first use). Its engine is stepped by this generator's
+        thread: call ``generate`` / ``submit``, not ``llm.generate``."""
+        with self._lock:
+            if self._llm is None:
+                from vllm import LLM
 
-            self._llm = LLM(**self._engine_kwargs())
-            self.max_model_len = self._engine_max_len(self._llm.llm_engine.model_config)
-        return self._llm
+                self._llm = LLM(**self._engine_kwargs())
+                self.max_model_len = self._engine_max_len(self._llm.llm_engine.model_config)
+            return self._llm
 
-    @property
-    def async_engine(self) -> Any:
-        if self._async is None:
-            if self._llm is not None:
-                raise RuntimeError("this VLLMGenerator already runs an offline LLM; use generate")
-            from vllm import AsyncEngineArgs
-            from vllm.v1.engine.async_llm import AsyncLLM
-
-            self._async = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs()))
-            self.max_model_len = self._engine_max_len(self._async.model_config)
-        return self._async
+    def _engine(self) -> _EngineThread:
+        runner = self._runner
+        if runner is None:
+            llm = self.llm
+            with self._lock:
+                if self._runner is None:
+                    self._runner = _EngineThread(llm.llm_engine, self.tokenizer)
+                runner = self._runner
+        return runner
 
     # ------------------------------------------------------------------ requests
-    def _prepare(self, r: GenerationRequest, *, final_only: bool = False) -> tuple[Any, Any]:
+    def _prepare(self, r: GenerationRequest) -> tuple[Any, Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         ids = prompt_token_ids(r, self.tokenizer)
         assert self.max_model_len is not None
         ids, max_new = fit_to_context(ids, r.max_new_tokens, self.max_model_len)
-        kw: dict[str, Any] = {}
-        if final_only:
-            from vllm.sampling_params import RequestOutputKind
-
-            kw["output_kind"] = RequestOutputKind.FINAL_ONLY
         sp = SamplingParams(
             n=r.n,
             temperature=r.temperature,
@@ -185,47 +373,52 @@ class VLLMGenerator:
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
             seed=r.seed,
-            **kw,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
         return TokensPrompt(prompt_token_ids=ids), sp
 
     def generate(self, requests: Sequence[GenerationRequest], *, dedup: bool = False) -> list[list[Completion]]:
-        """All requests in one ``LLM.generate`` call (vLLM schedules them continuously)."""
-        llm = self.llm
+        """All requests at once into the engine; blocks until every one has finished."""
+        engine = self._engine()
         if not requests:
             return []
-        prepared = [self._prepare(r) for r in requests]
-        outs = llm.generate([p for p, _ in prepared], [sp for _, sp in prepared], use_tqdm=False)
-        result = []
-        for out in outs:
-            comps = [_to_completion(o, self.tokenizer) for o in sorted(out.outputs, key=lambda o: o.index)]
-            result.append(dedup_completions(comps) if dedup else comps)
-        return result
+        futures: list[concurrent.futures.Future[list[Completion]]] = []
+        rids: list[str] = []
+        try:
+            for r in requests:
+                prompt, sp = self._prepare(r)
+                fut: concurrent.futures.Future[list[Completion]] = concurrent.futures.Future()
+                rids.append(engine.add(prompt, sp, _Sink(fut, None, dedup)))
+                futures.append(fut)
+            return [f.result() for f in futures]
+        except BaseException:
+            for rid, f in zip(rids, futures):
+                if not f.done():
+                    engine.abort(rid)
+            raise
+
+    def submit(self, request: GenerationRequest, *, dedup: bool = False) -> asyncio.Future[list[Completion]]:
+        """One request into the engine's continuous batch: the future (on the running loop)
+        that ``agenerate`` awaits. Cancelling it aborts the request."""
+        loop = asyncio.get_running_loop()
+        engine = self._engine()
+        prompt, sp = self._prepare(request)
+        fut: asyncio.Future[list[Completion]] = loop.create_future()
+        engine.add(prompt, sp, _Sink(fut, loop, dedup))
+        return fut
 
     async def agenerate(self, request: GenerationRequest, *, dedup: bool = False) -> list[Completion]:
-        """One request into the async engine; many concurrent calls share its batches."""
-        engine = self.async_engine
-        prompt, sp = self._prepare(request, final_only=True)
-        rid = f"rstar-{next(self._ids)}"
-        final = None
-        try:
-            async for out in engine.generate(prompt, sp, request_id=rid):
-                final = out
-        except asyncio.CancelledError:
-            await engine.abort(rid)
-            raise
-        if final is None:
-            raise RuntimeError(f"vLLM returned no output for request {rid}")
-        comps = [_to_completion(o, self.tokenizer) for o in sorted(final.outputs, key=lambda o: o.index)]
-        return dedup_completions(comps) if dedup else comps
+        """One request; many concurrent calls share the engine's batches."""
+        return await self.submit(request, dedup=dedup)
 
     def close(self) -> None:
-        if self._async is not None:
-            self._async.shutdown()
-            self._async = None
-        if self._llm is not None:
-            _shutdown_llm(self._llm)
-            self._llm = None
+        with self._lock:
+            runner, self._runner = self._runner, None
+            llm, self._llm = self._llm, None
+        if runner is not None:
+            runner.close()
+        if llm is not None:
+            _shutdown_llm(llm)
 
 
 def _shutdown_llm(llm: Any) -> None:
