@@ -35,6 +35,9 @@ By default every request gets its latency whatever the load (a server of unlimit
 ~70,000 tokens/s at 1,000 trees, more than one GPU generates with the paper's 1.5B-7B
 policies). ``--server-tok-s C`` caps what the stand-in serves at C tokens/s over all requests,
 first come first served (a saturated GPU), on top of the per-request latency.
+``--server-step-ms S`` returns results at engine-step boundaries S ms apart, as vLLM's engine
+does and ``VLLMGenerator`` passes on (every request finished in a step comes back in one
+hand-off); without it each request comes back at its own time, to the millisecond.
 ``--turn-interval-ms`` sets the async pipeline's ``SearchConfig.turn_interval_ms``.
 """
 
@@ -45,6 +48,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import statistics
 import threading
@@ -103,12 +107,13 @@ class LatencyGenerator:
     completions and in the latency timers (the stand-in's own work, not the search's)."""
 
     def __init__(self, base_s: float, per_token_s: float, step_tokens: int, pad: str = "code",
-                 server_tok_s: float = 0.0) -> None:
+                 server_tok_s: float = 0.0, server_step_s: float = 0.0) -> None:
         self.tokenizer = _Tok()
         self.base_s = base_s
         self.per_token_s = per_token_s
         self.step_tokens = step_tokens
         self.server_tok_s = server_tok_s
+        self.server_step_s = server_step_s  # > 0: results come back at engine-step boundaries
         self._free_at = 0.0  # with a capacity: when the server has generated everything asked so far
         self.busy_s = 0.0
         self.cpu_s = 0.0
@@ -180,7 +185,10 @@ class LatencyGenerator:
         t0 = time.thread_time()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        key = (loop, int((loop.time() + delay) * 1000.0) + 1)
+        due = loop.time() + delay
+        if self.server_step_s > 0:  # the step that finishes the request returns it with the others
+            due = math.ceil(due / self.server_step_s) * self.server_step_s
+        key = (loop, int(due * 1000.0) + 1)
         due = self._due.get(key)
         if due is None:
             due = self._due[key] = []
@@ -210,7 +218,11 @@ class LatencyGenerator:
         return self._comps(req)
 
     def generate(self, reqs: list[Any], *, dedup: bool = False) -> list[list[Any]]:
-        time.sleep(self._served_in(reqs))
+        delay = self._served_in(reqs)
+        if self.server_step_s > 0:
+            now = time.monotonic()  # the event loop's clock too
+            delay = math.ceil((now + delay) / self.server_step_s) * self.server_step_s - now
+        time.sleep(delay)
         return [self._comps(r) for r in reqs]
 
     def close(self) -> None:
@@ -359,7 +371,7 @@ def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
                        reference_engine=args.reference)
     problems = [_P(f"q{i}", f"Problem {i}: compute {i} mod 3.", str(i % 3)) for i in range(args.trees)]
     gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad,
-                           args.server_tok_s)
+                           args.server_tok_s, args.server_step_ms / 1000)
     if args.generator_api == "agenerate":
         gen.submit = None  # type: ignore[assignment, method-assign]
     scorer = HashScorer() if args.value != "terminal" else None
@@ -399,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-tokens", type=int, default=64)
     p.add_argument("--server-tok-s", type=float, default=0.0,
                    help="the server's capacity in generated tokens/s over all requests (0: unlimited)")
+    p.add_argument("--server-step-ms", type=float, default=0.0,
+                   help="deliver results at engine-step boundaries of this length, as VLLMGenerator "
+                        "does (all requests finished in one step come back together; 0: each on its own)")
     p.add_argument("--generator-api", default="submit", choices=("submit", "agenerate"),
                    help="how the async pipeline waits for generations: futures or a task per request")
     p.add_argument("--turn-interval-ms", type=float, default=0.0,
