@@ -32,6 +32,7 @@ class FakeEngine:
     steps: int = 0
     finishing_steps: int = 0  # steps that returned at least one finished request
     thread: set[str] = field(default_factory=set)
+    step_sizes: list[int] = field(default_factory=list)  # requests running at each step
 
     def add_request(self, rid: str, prompt: str, params: SimpleNamespace) -> str:
         self.thread.add(threading.current_thread().name)
@@ -55,6 +56,7 @@ class FakeEngine:
     def step(self) -> list[SimpleNamespace]:
         self.thread.add(threading.current_thread().name)
         self.steps += 1
+        self.step_sizes.append(len(self.running))
         if self.fail_step_at is not None and self.steps >= self.fail_step_at:
             raise RuntimeError("engine core died")
         time.sleep(self.step_s)
@@ -117,6 +119,26 @@ def test_each_step_reaches_the_loop_in_one_handoff(engine_thread) -> None:
     assert sum(handoffs) == 40
     assert len(handoffs) == engine.finishing_steps < 40  # one hand-off per step that finished any
     assert engine.thread == {"rstar-vllm-engine"}  # the engine is only touched by its thread
+
+
+def test_a_batch_is_admitted_before_the_next_step(engine_thread) -> None:
+    """``add_many`` (what ``generate`` uses): the engine takes the whole batch, then steps."""
+    engine = FakeEngine()
+    et = engine_thread(engine)
+    inbox = et._inbox
+
+    class SlowInbox:  # a caller preparing the next request: the engine thread wakes meanwhile
+        get, get_nowait = inbox.get, inbox.get_nowait
+
+        def put(self, item):  # type: ignore[no-untyped-def]
+            inbox.put(item)
+            time.sleep(0.002)
+
+    et._inbox = SlowInbox()  # type: ignore[assignment]
+    futs = [concurrent.futures.Future() for _ in range(50)]
+    et.add_many([(f"b{k}", _params(2), _Sink(f, None, False)) for k, f in enumerate(futs)])
+    assert [f.result(timeout=10)[0].text for f in futs] == [f"b{k}<end_of_step>" for k in range(50)]
+    assert engine.step_sizes == [50, 50]
 
 
 def test_blocking_callers_and_dedup(engine_thread) -> None:

@@ -159,15 +159,20 @@ class _EngineThread:
 
     # ------------------------------------------------------------------ any thread
     def add(self, prompt: Any, params: Any, sink: _Sink) -> str:
+        return self.add_many([(prompt, params, sink)])[0]
+
+    def add_many(self, requests: Sequence[tuple[Any, Any, _Sink]]) -> list[str]:
+        """Queue requests in one item, so that the engine takes all of them before its next
+        step (a batch is admitted together, as ``LLM.generate`` admits it)."""
         if self._closed:
             raise RuntimeError("the VLLMGenerator is closed")
         if self._error is not None:
             raise RuntimeError("the vLLM engine failed earlier") from self._error
-        rid = f"rstar-{next(self._ids)}"
-        self._inbox.put(("add", rid, prompt, params, sink))
+        items = [("add", f"rstar-{next(self._ids)}", prompt, params, sink) for prompt, params, sink in requests]
+        self._inbox.put(items[0] if len(items) == 1 else ("many", items))
         if self._dead:  # stopped meanwhile: nobody else will take it from the queue
             self._fail_queued(self._error or RuntimeError("the VLLMGenerator is closed"))
-        return rid
+        return [item[1] for item in items]
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
@@ -217,6 +222,10 @@ class _EngineThread:
                 return items
 
     def _handle(self, item: tuple[Any, ...]) -> None:
+        if item[0] == "many":
+            for one in item[1]:
+                self._handle(one)
+            return
         if item[0] == "abort":
             if self._sinks.pop(item[1], None) is not None:
                 self._engine.abort_request([item[1]])
@@ -283,7 +292,11 @@ class _EngineThread:
 
     def _fail_queued(self, exc: BaseException) -> None:
         """Fail the requests still in the queue (they never reached the engine)."""
-        self._send([(item[4], exc) for item in self._drain([]) if item is not None and item[0] == "add"])
+        adds = []
+        for item in self._drain([]):
+            if item is not None and item[0] in ("add", "many"):
+                adds += item[1] if item[0] == "many" else [item]
+        self._send([(item[4], exc) for item in adds])
 
 
 class VLLMGenerator:
@@ -382,14 +395,10 @@ class VLLMGenerator:
         engine = self._engine()
         if not requests:
             return []
-        futures: list[concurrent.futures.Future[list[Completion]]] = []
-        rids: list[str] = []
+        futures: list[concurrent.futures.Future[list[Completion]]] = [concurrent.futures.Future() for _ in requests]
+        batch = [(*self._prepare(r), _Sink(f, None, dedup)) for r, f in zip(requests, futures)]
+        rids = engine.add_many(batch)
         try:
-            for r in requests:
-                prompt, sp = self._prepare(r)
-                fut: concurrent.futures.Future[list[Completion]] = concurrent.futures.Future()
-                rids.append(engine.add(prompt, sp, _Sink(fut, None, dedup)))
-                futures.append(fut)
             return [f.result() for f in futures]
         except BaseException:
             for rid, f in zip(rids, futures):
