@@ -233,3 +233,19 @@ def test_close_fails_what_is_still_running(engine_thread) -> None:
     assert sorted(engine.aborted) == sorted(f"rstar-{k}" for k in range(3))
     with pytest.raises(RuntimeError, match="closed"):
         et.add("after", _params(1), _Sink(concurrent.futures.Future(), None, False))
+
+
+def test_a_request_queued_behind_close_fails_too(engine_thread) -> None:
+    """A request another thread queues just after ``close`` queued its sentinel, taken from
+    the queue in the same drain, is failed, not left waiting forever."""
+    engine = FakeEngine(step_s=0.2)
+    et = engine_thread(engine)
+    running: concurrent.futures.Future = concurrent.futures.Future()
+    et.add("running", _params(10**6), _Sink(running, None, False))
+    time.sleep(0.05)  # the engine thread is inside a step now
+    et._inbox.put(None)  # what close() queues, without close()'s flag: the racing add passes
+    late: concurrent.futures.Future = concurrent.futures.Future()
+    et.add("late", _params(1), _Sink(late, None, False))
+    for f in (running, late):
+        with pytest.raises(RuntimeError, match="closed"):
+            f.result(timeout=10)

@@ -188,6 +188,7 @@ class _EngineThread:
     def _run(self) -> None:
         engine = self._engine
         next_scan = time.monotonic() + self.ABORT_SCAN_S
+        items: list[Any] = []  # taken from the queue and not handled yet
         try:
             while True:
                 if engine.has_unfinished_requests():
@@ -197,9 +198,11 @@ class _EngineThread:
                         orphans, self._sinks = list(self._sinks.values()), {}
                         self._send([(s, RuntimeError("vLLM dropped the request")) for s in orphans])
                     items = self._drain([self._inbox.get()])  # idle: sleep until a request comes
-                for item in items:
+                items.reverse()
+                while items:
+                    item = items.pop()
                     if item is None:
-                        self._shutdown(RuntimeError("the VLLMGenerator was closed with this request running"))
+                        self._shutdown(RuntimeError("the VLLMGenerator was closed with this request running"), items)
                         return
                     self._handle(item)
                 if time.monotonic() >= next_scan:
@@ -210,7 +213,7 @@ class _EngineThread:
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets it
             self._error = exc
             logger.exception("the vLLM engine thread failed")
-            self._shutdown(exc)
+            self._shutdown(exc, items)
 
     def _drain(self, items: list[Any]) -> list[Any]:
         """``items`` plus everything queued now, without waiting."""
@@ -277,8 +280,9 @@ class _EngineThread:
             except RuntimeError:  # that loop is closed: nobody waits any more
                 pass
 
-    def _shutdown(self, exc: BaseException) -> None:
-        """Fail every request still running or queued, and abort the running ones."""
+    def _shutdown(self, exc: BaseException, unhandled: list[Any]) -> None:
+        """Fail every request still running, taken from the queue (``unhandled``) or queued,
+        and abort the running ones."""
         self._dead = True
         running = list(self._sinks.items())
         self._sinks.clear()
@@ -288,12 +292,16 @@ class _EngineThread:
             except Exception:  # noqa: BLE001 - the engine may be what failed
                 logger.debug("aborting at shutdown failed", exc_info=True)
             self._send([(s, exc) for _, s in running])
+        self._fail_added(unhandled, exc)
         self._fail_queued(exc)
 
     def _fail_queued(self, exc: BaseException) -> None:
         """Fail the requests still in the queue (they never reached the engine)."""
+        self._fail_added(self._drain([]), exc)
+
+    def _fail_added(self, items: list[Any], exc: BaseException) -> None:
         adds = []
-        for item in self._drain([]):
+        for item in items:
             if item is not None and item[0] in ("add", "many"):
                 adds += item[1] if item[0] == "many" else [item]
         self._send([(item[4], exc) for item in adds])
