@@ -78,6 +78,14 @@ def _params(steps: int) -> SimpleNamespace:
     return SimpleNamespace(steps=steps)
 
 
+def _add_blocking(et: _EngineThread, prompt: str, steps: int, dedup: bool = False) -> concurrent.futures.Future:
+    """Queue a request as a blocking caller does (``generate``): a ``concurrent.futures``
+    future, resolved in the engine thread."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    et.add(prompt, _params(steps), _Sink(fut, None, dedup))
+    return fut
+
+
 @pytest.fixture
 def engine_thread():
     made: list[_EngineThread] = []
@@ -144,11 +152,7 @@ def test_a_batch_is_admitted_before_the_next_step(engine_thread) -> None:
 def test_blocking_callers_and_dedup(engine_thread) -> None:
     engine = FakeEngine()
     et = engine_thread(engine)
-    futs = []
-    for k in range(5):
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        et.add(f"q{k}", _params(2), _Sink(fut, None, True))
-        futs.append(fut)
+    futs = [_add_blocking(et, f"q{k}", 2, dedup=True) for k in range(5)]
     assert [f.result(timeout=10)[0].text for f in futs] == [f"q{k}<end_of_step>" for k in range(5)]
 
 
@@ -177,8 +181,7 @@ def test_cancelled_future_aborts_its_request(engine_thread) -> None:
 def test_explicit_abort(engine_thread) -> None:
     engine = FakeEngine()
     et = engine_thread(engine)
-    fut: concurrent.futures.Future = concurrent.futures.Future()
-    rid = et.add("long", _params(10**6), _Sink(fut, None, False))
+    rid = et.add("long", _params(10**6), _Sink(concurrent.futures.Future(), None, False))
     et.abort(rid)
     deadline = time.monotonic() + 10
     while rid not in engine.aborted and time.monotonic() < deadline:
@@ -189,10 +192,7 @@ def test_explicit_abort(engine_thread) -> None:
 def test_a_failing_request_fails_alone(engine_thread) -> None:
     engine = FakeEngine(fail_add={"bad"})
     et = engine_thread(engine)
-    bad: concurrent.futures.Future = concurrent.futures.Future()
-    good: concurrent.futures.Future = concurrent.futures.Future()
-    et.add("bad", _params(1), _Sink(bad, None, False))
-    et.add("good", _params(1), _Sink(good, None, False))
+    bad, good = _add_blocking(et, "bad", 1), _add_blocking(et, "good", 1)
     with pytest.raises(ValueError, match="bad prompt"):
         bad.result(timeout=10)
     assert good.result(timeout=10)[0].text == "good<end_of_step>"
@@ -214,17 +214,13 @@ def test_a_failing_step_fails_every_request_and_later_ones(engine_thread) -> Non
     res = asyncio.run(run())
     assert all(isinstance(r, RuntimeError) and "engine core died" in str(r) for r in res)
     with pytest.raises(RuntimeError, match="failed earlier"):
-        et.add("later", _params(1), _Sink(concurrent.futures.Future(), None, False))
+        _add_blocking(et, "later", 1)
 
 
 def test_close_fails_what_is_still_running(engine_thread) -> None:
     engine = FakeEngine()
     et = engine_thread(engine)
-    futs = []
-    for k in range(3):
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        et.add(f"p{k}", _params(10**6), _Sink(fut, None, False))
-        futs.append(fut)
+    futs = [_add_blocking(et, f"p{k}", 10**6) for k in range(3)]
     time.sleep(0.05)
     et.close()
     for f in futs:
@@ -232,7 +228,7 @@ def test_close_fails_what_is_still_running(engine_thread) -> None:
             f.result(timeout=10)
     assert sorted(engine.aborted) == sorted(f"rstar-{k}" for k in range(3))
     with pytest.raises(RuntimeError, match="closed"):
-        et.add("after", _params(1), _Sink(concurrent.futures.Future(), None, False))
+        _add_blocking(et, "after", 1)
 
 
 def test_a_request_queued_behind_close_fails_too(engine_thread) -> None:
@@ -240,12 +236,10 @@ def test_a_request_queued_behind_close_fails_too(engine_thread) -> None:
     the queue in the same drain, is failed, not left waiting forever."""
     engine = FakeEngine(step_s=0.2)
     et = engine_thread(engine)
-    running: concurrent.futures.Future = concurrent.futures.Future()
-    et.add("running", _params(10**6), _Sink(running, None, False))
+    running = _add_blocking(et, "running", 10**6)
     time.sleep(0.05)  # the engine thread is inside a step now
     et._inbox.put(None)  # what close() queues, without close()'s flag: the racing add passes
-    late: concurrent.futures.Future = concurrent.futures.Future()
-    et.add("late", _params(1), _Sink(late, None, False))
+    late = _add_blocking(et, "late", 1)
     for f in (running, late):
         with pytest.raises(RuntimeError, match="closed"):
             f.result(timeout=10)
