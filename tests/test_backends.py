@@ -477,6 +477,81 @@ def test_http_generator_reports_server_errors() -> None:
     client.close()
 
 
+class _KeepAliveServer:
+    """An HTTP/1.1 /v1/completions server that answers "ok" (token ids [7]) and records which
+    client connection (port) each request came on. With ``drop_every=k`` it closes the
+    connection after every k-th answer without announcing it, as a server does with an idle
+    keep-alive connection."""
+
+    def __init__(self, drop_every: int = 0) -> None:
+        self.ports: list[int] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.ports.append(self.client_address[1])
+                data = json.dumps({"choices": [{"index": 0, "text": "ok", "finish_reason": "length",
+                                                "token_ids": [7]}]}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                if drop_every and len(outer.ports) % drop_every == 0:
+                    self.close_connection = True  # unannounced: no "Connection: close" header
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_http_generator_keeps_connections_alive() -> None:
+    """Each worker thread reuses one connection: 40 requests over 2 workers open at most 2."""
+    server = _KeepAliveServer()
+    client = HTTPGenerator(base_url=server.url + "/", max_concurrency=2, retries=0)
+    try:
+        reqs = [GenerationRequest(prompt_ids=[1, 2], max_new_tokens=1) for _ in range(20)]
+        assert [c[0].text for c in client.generate(reqs)] == ["ok"] * 20
+
+        async def main() -> list[list[Completion]]:
+            return await asyncio.gather(*(client.agenerate(r) for r in reqs))
+
+        assert [c[0].token_ids for c in asyncio.run(main())] == [[7]] * 20
+        assert len(server.ports) == 40 and len(set(server.ports)) <= 2
+    finally:
+        client.close()
+        server.close()
+
+
+def test_http_generator_reopens_a_connection_the_server_closed() -> None:
+    """A kept connection the server has closed is reopened without failing the request, even
+    with retries=0; a server that is down still fails (test above)."""
+    server = _KeepAliveServer(drop_every=2)
+    client = HTTPGenerator(base_url=server.url, max_concurrency=1, retries=0)
+    try:
+        for _ in range(7):
+            assert client.generate([GenerationRequest(prompt_ids=[1], max_new_tokens=1)])[0][0].text == "ok"
+        assert len(server.ports) == 7 and len(set(server.ports)) == 4  # a new connection after each drop
+    finally:
+        client.close()
+        server.close()
+
+
+def test_http_generator_rejects_a_malformed_base_url() -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        HTTPGenerator(base_url="127.0.0.1:8000")
+
+
 def test_preallocated_cache_layer_grows_and_reorders_like_concatenation() -> None:
     """The decode cache writes in place (no per-token torch.cat); past its planned capacity it
     grows, and row selection keeps what was written."""

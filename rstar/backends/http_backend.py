@@ -5,16 +5,22 @@ vLLM's extra request fields are sent (``include_stop_str_in_output``, ``skip_spe
 ``return_token_ids``). A server that ignores them still works when it reports which stop
 matched (vLLM ``stop_reason``, SGLang ``matched_stop``): the stop string is re-appended and token
 ids are recomputed with the local tokenizer. A plain OpenAI server does not say whether a stop
-string or EOS ended a choice; those completions get ``finish_reason="stop", stop=None``."""
+string or EOS ended a choice; those completions get ``finish_reason="stop", stop=None``.
+
+Each worker thread keeps one HTTP/1.1 keep-alive connection to the server, so a search that
+sends hundreds of thousands of requests does not pay a TCP (and TLS) handshake per request. A
+kept connection that the server has closed in the meantime is reopened once without using up
+a retry."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
 import json
 import logging
-import urllib.error
-import urllib.request
+import threading
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +54,14 @@ class HTTPGenerator:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self._warned_plain = False
+        url = urllib.parse.urlsplit(self.config.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must be http(s)://host[:port][/path], got {self.config.base_url!r}")
+        self._url = url
+        self._path = url.path.rstrip("/") + "/v1/completions"
+        self._local = threading.local()  # each worker thread's kept connection
+        self._conns: list[http.client.HTTPConnection] = []  # all of them, for close()
+        self._conns_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.max_concurrency), thread_name_prefix="rstar-http")
 
     def _payload(self, r: GenerationRequest) -> dict[str, Any]:
@@ -70,25 +84,59 @@ class HTTPGenerator:
             body["seed"] = r.seed
         return body
 
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's kept connection, and whether it has served a request before."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._url.hostname, self._url.port, timeout=self.config.timeout_s)
+        self._local.conn = conn
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn, False
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+            with self._conns_lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.config.base_url.rstrip("/") + "/v1/completions"
+        url = self._url.scheme + "://" + self._url.netloc + self._path
         headers = {"Content-Type": "application/json"}
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         data = json.dumps(body).encode()
         last: Exception | None = None
-        for attempt in range(self.config.retries + 1):
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        attempt = 0
+        while attempt <= self.config.retries:
+            conn, reused = self._connection()
             try:
-                with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500:  # a bad request does not get better by retrying
-                    raise RuntimeError(f"{url}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+                conn.request("POST", self._path, body=data, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                self._drop_connection()
+                if reused:  # the server closed an idle kept connection: reopen, not a failure
+                    continue
                 last = exc
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (http.client.HTTPException, OSError) as exc:  # refused, timed out, garbled
+                self._drop_connection()
                 last = exc
+            else:
+                if resp.will_close:
+                    self._drop_connection()
+                if resp.status < 300:
+                    return json.loads(payload)
+                if resp.status < 500:  # a bad request does not get better by retrying
+                    raise RuntimeError(f"{url}: HTTP {resp.status}: {payload[:500]!r}")
+                last = RuntimeError(f"HTTP {resp.status}: {payload[:200]!r}")
             logger.warning("POST %s failed (attempt %d): %s", url, attempt + 1, last)
+            attempt += 1
         raise RuntimeError(f"{url}: giving up after {self.config.retries + 1} attempts") from last
 
     def _completion(self, choice: dict[str, Any], r: GenerationRequest) -> Completion:
@@ -144,3 +192,7 @@ class HTTPGenerator:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
