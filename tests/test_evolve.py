@@ -58,6 +58,8 @@ def test_overrides_reach_into_lists() -> None:
         ({"rounds": [RoundSpec(policy="bootstrap", ppm_guided=True)]}, "no PPM"),
         ({"nano": None}, "base_model"),
         ({"eval": {"methods": ["beam"]}}, "unknown"),
+        ({"train_per_round": 0}, "train_per_round"),
+        ({"train": {"n": 100}, "train_per_round": 30}, "train.n >= 120"),
     ],
 )
 def test_invalid_configs_are_clear_errors(kwargs: dict, match: str) -> None:
@@ -316,6 +318,23 @@ def test_changed_config_is_reported_not_silently_ignored(tmp_path: Path, caplog:
 def _jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_train_per_round_gives_each_round_a_fresh_slice(tmp_path: Path) -> None:
+    from rstar.data import Problem
+    from rstar.evolve.pipeline import Evolution
+    from rstar.evolve.problems import write_problems
+
+    cfg = load_evolve_config("nano-ci", [f"output_dir={tmp_path}", "train.n=7", "train_per_round=3"])
+    evo = Evolution(cfg, progress=False)
+    write_problems([Problem(f"p{i}", f"q{i}", str(i)) for i in range(7)], evo.round_dir(-1) / "train.jsonl")
+    assert [p.id for p in evo.train_problems(1)] == ["p0", "p1", "p2"]
+    assert [p.id for p in evo.train_problems(2)] == ["p3", "p4", "p5"]
+    assert len(evo.train_problems()) == 7
+    with pytest.raises(ValueError, match="round 3"):
+        evo.train_problems(3)  # only one problem left for it
+    cfg.train_per_round = None
+    assert len(evo.train_problems(2)) == 7  # every round searches all
 
 
 def test_seed_replay_and_accumulated_pairs(tmp_path: Path) -> None:

@@ -196,6 +196,9 @@ class EvolveConfig:
             fine-tuned seed policy in the nano world).
         nano: build the nano world's base model and seed policy (the default main job).
         train: training problems (answers, no solutions).
+        train_per_round: search a fresh slice of this many training problems in each round
+            (round k: problems (k-1)*m .. k*m-1, so ``train`` must hold rounds x m), as a
+            large pool is spread over rounds. None: every round searches all of ``train``.
         rounds: the rounds, in order (``default_rounds()``: the paper's four).
         sft / ppm: ``rstar.train`` script arguments and ``TrainingArguments`` fields, one dict
             each (e.g. ``learning_rate``, ``max_steps``, ``per_device_train_batch_size``).
@@ -214,6 +217,7 @@ class EvolveConfig:
     bootstrap_model: str = ""
     nano: NanoSetup | None = None
     train: ProblemSource = field(default_factory=ProblemSource)
+    train_per_round: int | None = None
     rounds: list[RoundSpec] = field(default_factory=default_rounds)
     backend: BackendSpec = field(default_factory=BackendSpec)
     mining: MiningSpec = field(default_factory=MiningSpec)
@@ -242,6 +246,12 @@ class EvolveConfig:
                               "(nano.seed_rows_in_rounds=true)")
         if self.control and not self.eval.sets:
             raise ConfigError("control: the control arm is evaluated on eval.sets, which is empty")
+        if self.train_per_round is not None:
+            if self.train_per_round < 1:
+                raise ConfigError("train_per_round must be >= 1 (or null: every round searches all problems)")
+            if self.train.n is not None and self.train.n < self.train_per_round * len(self.rounds):
+                raise ConfigError(f"train_per_round={self.train_per_round} x {len(self.rounds)} rounds needs "
+                                  f"train.n >= {self.train_per_round * len(self.rounds)}, got {self.train.n}")
         if self.train.source == "nano" and self.nano is None:
             raise ConfigError("train.source=nano needs a nano: section")
         bad = sorted((set(self.eval.methods) | set(self.eval.interim_methods or ())) - {"greedy", "bon", "mcts"})

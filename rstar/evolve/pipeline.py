@@ -237,8 +237,17 @@ class Evolution:
         self.records[(k, name)] = rec
         return rec
 
-    def train_problems(self) -> list[Problem]:
-        return read_problems(self.round_dir(-1) / "train.jsonl")
+    def train_problems(self, k: int | None = None) -> list[Problem]:
+        """All training problems, or those round ``k`` searches (its slice with ``train_per_round``)."""
+        problems = read_problems(self.round_dir(-1) / "train.jsonl")
+        m = self.cfg.train_per_round
+        if k is None or m is None:
+            return problems
+        part = problems[(k - 1) * m : k * m]
+        if len(part) < m:
+            raise ValueError(f"round {k}: train_per_round={m} needs {k * m} training problems, "
+                             f"the run has {len(problems)}")
+        return part
 
     def eval_problems(self) -> dict[str, list[Problem]]:
         return {s.label: read_problems(self.round_dir(-1) / f"eval-{s.label}.jsonl") for s in self.cfg.eval.sets}
@@ -304,7 +313,7 @@ class Evolution:
                            "terminal-guided annotation only", k)
             overrides.append("value=terminal")
         search_cfg = load_search_config(spec.search, overrides)
-        problems = self.train_problems()
+        problems = self.train_problems(k)
         trees = self.round_dir(k) / "trees.jsonl"
         records = self._run_search(policy, ppm, search_cfg, problems, trees)
         return search_summary(problems, records)
