@@ -552,6 +552,18 @@ def test_http_generator_rejects_a_malformed_base_url() -> None:
         HTTPGenerator(base_url="127.0.0.1:8000")
 
 
+@pytest.mark.parametrize("url, host, port, path", [
+    ("http://[::1]/proxy/", "::1", 80, "/proxy/v1/completions"),
+    ("https://example.org", "example.org", 443, "/v1/completions"),
+    ("http://10.0.0.2:8001", "10.0.0.2", 8001, "/v1/completions"),
+])  # fmt: skip
+def test_http_generator_connects_where_base_url_says(url: str, host: str, port: int, path: str) -> None:
+    client = HTTPGenerator(base_url=url)
+    conn, reused = client._connection()  # no network: a connection opens on its first request
+    assert (conn.host, conn.port, client._path, reused) == (host, port, path, False)
+    client.close()
+
+
 def test_preallocated_cache_layer_grows_and_reorders_like_concatenation() -> None:
     """The decode cache writes in place (no per-token torch.cat); past its planned capacity it
     grows, and row selection keeps what was written."""

@@ -90,7 +90,8 @@ class HTTPGenerator:
         if conn is not None:
             return conn, True
         cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._url.hostname, self._url.port, timeout=self.config.timeout_s)
+        port = self._url.port or (443 if self._url.scheme == "https" else 80)  # explicit: IPv6 hosts
+        conn = cls(self._url.hostname, port, timeout=self.config.timeout_s)
         self._local.conn = conn
         with self._conns_lock:
             self._conns.append(conn)
