@@ -59,6 +59,7 @@ class HTTPGenerator:
             raise ValueError(f"base_url must be http(s)://host[:port][/path], got {self.config.base_url!r}")
         self._url = url
         self._path = url.path.rstrip("/") + "/v1/completions"
+        self._endpoint = f"{url.scheme}://{url.netloc}{self._path}"  # for messages
         self._local = threading.local()  # each worker thread's kept connection
         self._conns: list[http.client.HTTPConnection] = []  # all of them, for close()
         self._conns_lock = threading.Lock()
@@ -107,7 +108,7 @@ class HTTPGenerator:
                     self._conns.remove(conn)
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        url = self._url.scheme + "://" + self._url.netloc + self._path
+        url = self._endpoint
         headers = {"Content-Type": "application/json"}
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
