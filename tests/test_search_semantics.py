@@ -19,7 +19,7 @@ from search_fakes import (
     ppm_of,
 )
 from rstar.search.config import SearchConfig, load_search_config
-from rstar.search.driver import Searcher
+from rstar.search.driver import Searcher, _Pacer
 from rstar.search.prompts import build_prompt
 
 QUESTIONS = [Problem(f"p{i}", f"What is question number {i}?", str(i % 3)) for i in range(12)]
@@ -185,6 +185,60 @@ def test_turn_interval_batches_turns_and_keeps_the_official_trees() -> None:
     assert s.stats.commits >= 2 and s.stats.wall_s >= 0.02 * (s.stats.commits - 1)
     with pytest.raises(ValueError, match="turn_interval_ms"):
         mcts_cfg(turn_interval_ms=-1.0)
+
+
+def test_pacer_waits_only_while_the_generator_has_a_backlog_and_not_past_half_of_it() -> None:
+    """busy_turn_interval_ms: the pause is the busy cap while the backlog lasts long at the
+    measured rate, half the backlog's duration when that is shorter, and nothing without a
+    backlog, a rate, or a generator that reports one."""
+    queued = [100]
+    p = _Pacer(0.0, 0.1, lambda: queued[0])
+    assert p.pause(0.0) == 0.0  # no rate measured yet
+    p.done = 50
+    assert p.pause(0.1) == pytest.approx(0.1)  # 500 sequences/s: 100 queued last 0.2 s
+    queued[0] = 20  # 0.04 s of work queued: wait at most half of it
+    assert p.pause(0.12) == pytest.approx(0.02)
+    queued[0] = 0
+    assert p.pause(0.13) == 0.0
+    assert _Pacer(0.01, 0.1, None).pause(1.0) == 0.01  # no backlog(): turn_interval_ms only
+    q = _Pacer(0.0, 0.0, lambda: 10**6)  # busy_turn_interval_ms=0: never paced
+    q.pause(0.0)
+    q.done = 10
+    assert q.pause(1.0) == 0.0
+
+
+class BacklogGenerator(ScriptedGenerator):
+    """A generator whose server always has (or never has) sequences queued."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(latency_s=0.005)
+        self.queued = queued
+        self.asked = 0
+
+    def backlog(self) -> int:
+        self.asked += 1
+        return self.queued
+
+
+@pytest.mark.parametrize("queued", [0, 10**6])
+def test_busy_generator_paces_the_async_loop_and_keeps_the_official_trees(queued: int) -> None:
+    """While the generator reports a backlog, the async loop pauses between turns (the
+    paced time is counted); the trees are the official ones either way."""
+    cfg = mcts_cfg(value="ppm", pipeline="async", busy_turn_interval_ms=20.0)
+    gen = BacklogGenerator(queued)
+    results, s = run(cfg, scorer=FakeScorer(), gen=gen)
+    for p, res in zip(QUESTIONS, results):
+        ref = reference_tree(p, cfg)
+        for i, r in enumerate(ref):
+            r.order = i
+        assert_same_as_official(res.record, ref)
+    assert gen.asked > 0
+    if queued:
+        assert s.stats.paused_s > 0.02
+    else:
+        assert s.stats.paused_s == 0.0
+    with pytest.raises(ValueError, match="busy_turn_interval_ms"):
+        mcts_cfg(busy_turn_interval_ms=float("nan"))
 
 
 @pytest.mark.parametrize("pipeline", ["async", "lockstep"])

@@ -71,7 +71,12 @@ class Generator(Protocol):
     A generator may also offer ``submit(request, *, dedup=False) -> asyncio.Future`` (a
     future on the running event loop that ``agenerate`` would have awaited, as
     ``HFGenerator`` does): the async search then waits on the future with a callback, with
-    no task or coroutine per request."""
+    no task or coroutine per request.
+
+    And ``backlog() -> int``: sequences queued behind the batch the server runs at once (0
+    when none wait or it cannot tell; ``VLLMGenerator`` has it). While it is > 0 the server
+    is the bottleneck, and the async search paces its turns
+    (``SearchConfig.busy_turn_interval_ms``) at no cost in throughput."""
 
     tokenizer: Any
 

@@ -184,6 +184,7 @@ class SearchStats:
     commits: int = 0
     loop_s: float = 0.0  # time the main loop spent in its own work (engine + bookkeeping)
     step_s: float = 0.0  # time spent parsing / building programs / candidates
+    paused_s: float = 0.0  # async: time the loop waited between turns (turn intervals, busy generator)
     wall_s: float = 0.0
 
 
@@ -459,6 +460,47 @@ class _Countdown:
             fire()
 
 
+class _Pacer:
+    """How long the async loop waits before its next turn, so that one turn handles what
+    finished meanwhile.
+
+    Always ``interval`` (``turn_interval_ms``). While the generator reports a backlog
+    (``backlog()``: sequences queued behind its full batch), up to ``busy`` seconds: work
+    held back then costs no throughput as long as the server still has queued work to run,
+    so the pause is also capped at half the time its backlog lasts at the measured rate of
+    finished sequences. A saturated server hands results back a few at a time; without the
+    pause each turn handles about one job and pays its fixed costs alone."""
+
+    __slots__ = ("interval", "busy", "backlog", "done", "rate", "_t", "_n")
+
+    #: the finished-sequence rate is measured over windows at least this long (seconds)
+    WINDOW_S = 0.05
+
+    def __init__(self, interval: float, busy: float, backlog: Callable[[], int] | None) -> None:
+        self.interval = interval
+        self.backlog = backlog
+        self.busy = busy if backlog is not None else 0.0
+        self.done = 0  # sequences the generator finished (the caller counts them)
+        self.rate = 0.0  # finished sequences per second (moving average)
+        self._t: float | None = None
+        self._n = 0
+
+    def pause(self, now: float) -> float:
+        """The least time between the last turn and the next one, seen at ``now``."""
+        if self._t is None:
+            self._t, self._n = now, self.done
+        elif now - self._t >= self.WINDOW_S:
+            seen = (self.done - self._n) / (now - self._t)
+            self.rate = seen if self.rate == 0.0 else 0.75 * self.rate + 0.25 * seen
+            self._t, self._n = now, self.done
+        if self.busy <= 0.0 or self.rate <= 0.0:
+            return self.interval
+        queued = self.backlog()  # type: ignore[misc]
+        if queued <= 0:
+            return self.interval
+        return max(self.interval, min(self.busy, 0.5 * queued / self.rate))
+
+
 def _request_seed(base: int, pid: str, leaf: int, attempt: int) -> int:
     return _seed_of(f"{base}|{pid}|", leaf, attempt)
 
@@ -545,6 +587,7 @@ class Searcher:
         self._cfg_dict = to_dict(self.cfg)
         self._stops = tuple(self.cfg.generation.stop)
         self._inbox = _Inbox()
+        self._pacer = _Pacer(0.0, 0.0, None)
         self._tasks: set[asyncio.Task[Any]] = set()
         # which valid children the PPM scores, per job kind: (non-terminal, terminal)
         ppm_q = self.cfg.value in ("ppm", "ppm_init")
@@ -927,6 +970,7 @@ class Searcher:
     async def _gen_task(self, job: _Job, req: Any) -> None:
         try:
             comps = await self.gen.agenerate(req)
+            self._pacer.done += job.n
             self._inbox.put(("gen", (job, comps)))
         except BaseException as exc:  # the main loop re-raises
             self._inbox.put(("error", exc))
@@ -1085,6 +1129,8 @@ class Searcher:
 
         submit = getattr(self.gen, "submit", None)
         waiting: set[asyncio.Future[Any]] = set()  # generator futures not yet done
+        pacer = self._pacer = _Pacer(self.cfg.turn_interval_ms / 1000.0, self.cfg.busy_turn_interval_ms / 1000.0,
+                                     getattr(self.gen, "backlog", None))
 
         def generated(job: _Job, fut: asyncio.Future[Any]) -> None:
             waiting.discard(fut)
@@ -1092,7 +1138,11 @@ class Searcher:
                 inbox.put(("error", asyncio.CancelledError("a generation request was cancelled")))
                 return
             exc = fut.exception()
-            inbox.put(("error", exc) if exc is not None else ("gen", (job, fut.result())))
+            if exc is not None:
+                inbox.put(("error", exc))
+                return
+            pacer.done += job.n
+            inbox.put(("gen", (job, fut.result())))
 
         def launch(jobs: list[_Job]) -> None:
             nonlocal inflight
@@ -1111,7 +1161,6 @@ class Searcher:
                 take.append(pending.pop())
             return self._new_trees(take)
 
-        interval = self.cfg.turn_interval_ms / 1000.0
         last_turn = -math.inf
         try:
             t0 = time.perf_counter()
@@ -1130,9 +1179,11 @@ class Searcher:
                                 raise RuntimeError("search stalled with unfinished trees")
                             break
                         continue
-                if interval > 0:
-                    wait = last_turn + interval - loop.time()
+                pause = pacer.pause(loop.time())
+                if pause > 0:
+                    wait = last_turn + pause - loop.time()
                     if wait > 0:
+                        self.stats.paused_s += wait
                         await asyncio.sleep(wait)  # let more work finish: one turn handles it all
                 batch = await inbox.take()
                 last_turn = loop.time()
