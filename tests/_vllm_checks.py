@@ -147,6 +147,10 @@ def phase_async(model: str, out: dict) -> None:
         while engine.get_num_unfinished_requests() and time.perf_counter() - t2 < 10:
             await asyncio.sleep(0.05)
         out["async_unfinished_after_cancel"] = engine.get_num_unfinished_requests()
+        # backlog(): the engine's batch limit is found, and nothing waits when it is idle
+        out["async_backlog_limit"] = gen._runner._max_seqs if gen._runner is not None else None
+        out["engine_max_num_seqs"] = engine.vllm_config.scheduler_config.max_num_seqs
+        out["async_backlog_idle"] = gen.backlog()
         out["async_after_cancel"] = _dump([await gen.agenerate(reqs["greedy"][0])])
         return [greedy, res], concurrent_s, serial_s
 

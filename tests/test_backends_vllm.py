@@ -159,6 +159,13 @@ def test_cancelled_future_aborts_its_request(vllm_out: dict) -> None:
     assert vllm_out["async_after_cancel"] == [vllm_out["gen_greedy"][0]]
 
 
+def test_backlog_reads_the_engines_batch_limit(vllm_out: dict) -> None:
+    """``VLLMGenerator.backlog`` compares the sequences in flight with the engine's own
+    ``max_num_seqs`` (found on the real engine), and is 0 when nothing runs."""
+    assert vllm_out["async_backlog_limit"] == vllm_out["engine_max_num_seqs"] > 0
+    assert vllm_out["async_backlog_idle"] == 0
+
+
 def test_vllm_scorer_matches_hf_scorer(vllm_out: dict, classifier_dir: Path) -> None:
     from rstar.backends import HFScorer, ScoreRequest
 

@@ -149,6 +149,34 @@ def test_a_batch_is_admitted_before_the_next_step(engine_thread) -> None:
     assert engine.step_sizes == [50, 50]
 
 
+def test_backlog_counts_sequences_beyond_max_num_seqs(engine_thread) -> None:
+    """``backlog()``: the sequences (requests x n) in the engine beyond its ``max_num_seqs``;
+    finished and aborted requests leave it; 0 when the engine does not say its limit."""
+    engine = FakeEngine(step_s=0.001)
+    engine.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=5))  # type: ignore[attr-defined]
+    et = engine_thread(engine)
+    futs = [concurrent.futures.Future() for _ in range(4)]
+    et.add_many([(f"s{k}", SimpleNamespace(steps=10**6 if k < 2 else 200, n=3), _Sink(f, None, False))
+                 for k, f in enumerate(futs)])
+
+    def wait_for(value: int) -> None:
+        deadline = time.monotonic() + 10
+        while et.backlog() != value and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert et.backlog() == value
+
+    wait_for(4 * 3 - 5)
+    assert [f.result(timeout=10)[0].text for f in futs[2:]] == ["s2<end_of_step>", "s3<end_of_step>"]
+    wait_for(1)  # 6 sequences left, the limit is 5
+    assert et._open_seqs == 6
+    et.abort("rstar-0")
+    deadline = time.monotonic() + 10
+    while et._open_seqs != 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert et._open_seqs == 3 and et.backlog() == 0
+    assert engine_thread(FakeEngine()).backlog() == 0  # no vllm_config: no limit known
+
+
 def test_blocking_callers_and_dedup(engine_thread) -> None:
     engine = FakeEngine()
     et = engine_thread(engine)

@@ -105,12 +105,13 @@ class _Sink:
     """Where one request's completions go: an asyncio future (resolved on its loop) or a
     ``concurrent.futures`` future (resolved in the engine thread)."""
 
-    __slots__ = ("fut", "loop", "dedup")
+    __slots__ = ("fut", "loop", "dedup", "seqs")
 
     def __init__(self, fut: Any, loop: asyncio.AbstractEventLoop | None, dedup: bool) -> None:
         self.fut = fut
         self.loop = loop
         self.dedup = dedup
+        self.seqs = 0  # sequences it holds in the engine (set when it is added)
 
 
 def _resolve(fut: Any, value: Any) -> None:
@@ -154,6 +155,10 @@ class _EngineThread:
         self._error: BaseException | None = None
         self._closed = False
         self._dead = False  # the thread has stopped taking requests
+        self._open_seqs = 0  # sequences in the engine (written by this thread only)
+        sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+        cap = getattr(sched, "max_num_seqs", None)
+        self._max_seqs: int | None = int(cap) if isinstance(cap, int) and cap > 0 else None
         self._thread = threading.Thread(target=self._run, name="rstar-vllm-engine", daemon=True)
         self._thread.start()
 
@@ -177,6 +182,13 @@ class _EngineThread:
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
+    def backlog(self) -> int:
+        """Sequences in the engine beyond the batch it runs at once (``max_num_seqs``): they
+        wait for a slot. 0 when the engine's limit is unknown. (A KV cache too small for
+        ``max_num_seqs`` makes more wait than this says: the estimate errs low.)"""
+        cap = self._max_seqs
+        return 0 if cap is None else max(0, self._open_seqs - cap)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -196,6 +208,7 @@ class _EngineThread:
                 else:
                     if self._sinks:  # cannot happen with vLLM's bookkeeping; never wait forever
                         orphans, self._sinks = list(self._sinks.values()), {}
+                        self._open_seqs = 0
                         self._send([(s, RuntimeError("vLLM dropped the request")) for s in orphans])
                     items = self._drain([self._inbox.get()])  # idle: sleep until a request comes
                 items.reverse()
@@ -230,7 +243,9 @@ class _EngineThread:
                 self._handle(one)
             return
         if item[0] == "abort":
-            if self._sinks.pop(item[1], None) is not None:
+            sink = self._sinks.pop(item[1], None)
+            if sink is not None:
+                self._open_seqs -= sink.seqs
                 self._engine.abort_request([item[1]])
             return
         _, rid, prompt, params, sink = item
@@ -241,12 +256,14 @@ class _EngineThread:
         except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
             self._send([(sink, exc)])
             return
+        sink.seqs = int(getattr(params, "n", 1) or 1)
+        self._open_seqs += sink.seqs
         self._sinks[rid] = sink
 
     def _abort_cancelled(self) -> None:
         gone = [rid for rid, s in self._sinks.items() if s.fut.cancelled()]
         for rid in gone:
-            del self._sinks[rid]
+            self._open_seqs -= self._sinks.pop(rid).seqs
         if gone:
             self._engine.abort_request(gone)
 
@@ -258,6 +275,7 @@ class _EngineThread:
             sink = self._sinks.pop(out.request_id, None)
             if sink is None:  # aborted meanwhile
                 continue
+            self._open_seqs -= sink.seqs
             try:
                 comps = [_to_completion(o, self._tokenizer) for o in sorted(out.outputs, key=lambda o: o.index)]
                 value: Any = dedup_completions(comps) if sink.dedup else comps
@@ -286,6 +304,7 @@ class _EngineThread:
         self._dead = True
         running = list(self._sinks.items())
         self._sinks.clear()
+        self._open_seqs = 0
         if running:
             try:
                 self._engine.abort_request([rid for rid, _ in running])
@@ -427,6 +446,13 @@ class VLLMGenerator:
     async def agenerate(self, request: GenerationRequest, *, dedup: bool = False) -> list[Completion]:
         """One request; many concurrent calls share the engine's batches."""
         return await self.submit(request, dedup=dedup)
+
+    def backlog(self) -> int:
+        """Sequences waiting for a slot in the engine's batch (``max_num_seqs``); 0 before
+        the engine is built. The async search paces its turns while this is > 0
+        (``SearchConfig.busy_turn_interval_ms``)."""
+        runner = self._runner
+        return 0 if runner is None else runner.backlog()
 
     def close(self) -> None:
         with self._lock:
