@@ -38,7 +38,9 @@ first come first served (a saturated GPU), on top of the per-request latency.
 ``--server-step-ms S`` returns results at engine-step boundaries S ms apart, as vLLM's engine
 does and ``VLLMGenerator`` passes on (every request finished in a step comes back in one
 hand-off); without it each request comes back at its own time, to the millisecond.
-``--turn-interval-ms`` sets the async pipeline's ``SearchConfig.turn_interval_ms``.
+``--turn-interval-ms`` sets the async pipeline's ``SearchConfig.turn_interval_ms``;
+``--busy-turn-interval-ms`` its ``busy_turn_interval_ms`` (pauses only while the stand-in's
+``backlog()`` says work waits beyond what its capacity decodes at once).
 """
 
 from __future__ import annotations
@@ -176,6 +178,15 @@ class LatencyGenerator:
         tokens = sum(r.n for r in reqs) * self.step_tokens
         self._free_at = max(self._free_at, now) + tokens / self.server_tok_s
         return max(latency, self._free_at - now)
+
+    def backlog(self) -> int:
+        """Sequences queued behind the running batch (``Generator.backlog``): with a capacity,
+        the sequences of the work queued now, less the batch that capacity decodes at once
+        (``server_tok_s * per_token_s`` sequences, each at its per-token pace); else 0."""
+        if self.server_tok_s <= 0:
+            return 0
+        queued = (self._free_at - time.monotonic()) * self.server_tok_s / self.step_tokens
+        return max(0, int(queued - self.server_tok_s * self.per_token_s))
 
     def _sleep(self, delay: float, req: Any = None) -> asyncio.Future[Any]:
         """Latency timers grouped per millisecond: one loop timer completes every request
@@ -367,7 +378,7 @@ class _P:
 def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = SearchConfig(mode="mcts", value=args.value, n=args.n, rollouts=args.rollouts, max_depth=args.depth,
                        error_threshold=1, pipeline=pipeline, concurrent_trees=args.trees,
-                       turn_interval_ms=args.turn_interval_ms,
+                       turn_interval_ms=args.turn_interval_ms, busy_turn_interval_ms=args.busy_turn_interval_ms,
                        reference_engine=args.reference)
     problems = [_P(f"q{i}", f"Problem {i}: compute {i} mod 3.", str(i % 3)) for i in range(args.trees)]
     gen = LatencyGenerator(args.base_ms / 1000, args.per_token_ms / 1000, args.step_tokens, args.pad,
@@ -393,7 +404,7 @@ def run_once(pipeline: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"pipeline": pipeline, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
             "cpu_share": round(cpu / wall, 4), "standin_cpu_s": round(stand, 3),
             "search_cpu_s": round(cpu - stand, 3), "search_share": round((cpu - stand) / wall, 4),
-            "loop_s": round(s.stats.loop_s, 3),
+            "loop_s": round(s.stats.loop_s, 3), "paused_s": round(s.stats.paused_s, 3),
             "tokens_per_s": round(s.stats.tokens / wall, 1), "problems_per_s": round(len(res) / wall, 2),
             "nodes": nodes, "expansions": s.stats.expansions, "engine": type(s.forest).__name__,
             "loadavg": round(os.getloadavg()[0], 2)}
@@ -418,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how the async pipeline waits for generations: futures or a task per request")
     p.add_argument("--turn-interval-ms", type=float, default=0.0,
                    help="SearchConfig.turn_interval_ms of the async pipeline")
+    p.add_argument("--busy-turn-interval-ms", type=float, default=SearchConfig.busy_turn_interval_ms,
+                   help="SearchConfig.busy_turn_interval_ms of the async pipeline (0: never paced)")
     p.add_argument("--pad", default="code", choices=sorted(PADS), help="step body filler (see PADS)")
     p.add_argument("--sandbox-api", default="submit", choices=("submit", "arun"),
                    help="how the async pipeline runs code: futures (rstar.sandbox.Sandbox) or coroutines")
@@ -431,11 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         rows += [run_once("async", args), run_once("lockstep", args)]
     print(f"{'pipeline':<9} {'wall s':>7} {'cpu s':>6} {'cpu %':>6} {'stand-in s':>10} {'search s':>8} "  # noqa: T201
-          f"{'search %':>8} {'tok/s':>7} {'prob/s':>6} {'nodes':>6} {'load':>5}")
+          f"{'search %':>8} {'paused s':>8} {'tok/s':>7} {'prob/s':>6} {'nodes':>6} {'load':>5}")
     for r in rows:
         print(f"{r['pipeline']:<9} {r['wall_s']:>7.2f} {r['cpu_s']:>6.3f} {100 * r['cpu_share']:>5.2f}% "  # noqa: T201
               f"{r['standin_cpu_s']:>10.3f} {r['search_cpu_s']:>8.3f} {100 * r['search_share']:>7.2f}% "
-              f"{r['tokens_per_s']:>7.0f} {r['problems_per_s']:>6.1f} {r['nodes']:>6} {r['loadavg']:>5.2f}")
+              f"{r['paused_s']:>8.2f} {r['tokens_per_s']:>7.0f} {r['problems_per_s']:>6.1f} {r['nodes']:>6} {r['loadavg']:>5.2f}")
     med = {pl: {k: statistics.median(r[k] for r in rows if r["pipeline"] == pl)
                 for k in ("wall_s", "cpu_share", "search_share")} for pl in ("async", "lockstep")}
     print(f"engine: {rows[0]['engine']}; medians: search % async {100 * med['async']['search_share']:.2f}, "  # noqa: T201
