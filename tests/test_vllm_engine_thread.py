@@ -38,7 +38,7 @@ class FakeEngine:
         self.thread.add(threading.current_thread().name)
         if prompt in self.fail_add:
             raise ValueError(f"bad prompt {prompt!r}")
-        self.running[rid] = [params.steps, prompt]
+        self.running[rid] = [params.steps, prompt, getattr(params, "n", 1)]
         return rid
 
     def abort_request(self, rids: list[str]) -> None:
@@ -51,7 +51,7 @@ class FakeEngine:
         return bool(self.running)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.running)
+        return sum(st[2] for st in self.running.values())  # sequences: vLLM counts each of n
 
     def step(self) -> list[SimpleNamespace]:
         self.thread.add(threading.current_thread().name)
@@ -150,8 +150,9 @@ def test_a_batch_is_admitted_before_the_next_step(engine_thread) -> None:
 
 
 def test_backlog_counts_sequences_beyond_max_num_seqs(engine_thread) -> None:
-    """``backlog()``: the sequences (requests x n) in the engine beyond its ``max_num_seqs``;
-    finished and aborted requests leave it; 0 when the engine does not say its limit."""
+    """``backlog()``: the sequences (requests x n) in the engine beyond its ``max_num_seqs``,
+    as the engine counts them after each step; finished and aborted requests leave it; 0 when
+    the engine does not say its limit."""
     engine = FakeEngine(step_s=0.001)
     engine.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=5))  # type: ignore[attr-defined]
     et = engine_thread(engine)
@@ -168,12 +169,12 @@ def test_backlog_counts_sequences_beyond_max_num_seqs(engine_thread) -> None:
     wait_for(4 * 3 - 5)
     assert [f.result(timeout=10)[0].text for f in futs[2:]] == ["s2<end_of_step>", "s3<end_of_step>"]
     wait_for(1)  # 6 sequences left, the limit is 5
-    assert et._open_seqs == 6
+    assert et._live_seqs == 6
     et.abort("rstar-0")
     deadline = time.monotonic() + 10
-    while et._open_seqs != 3 and time.monotonic() < deadline:
+    while et._live_seqs != 3 and time.monotonic() < deadline:
         time.sleep(0.002)
-    assert et._open_seqs == 3 and et.backlog() == 0
+    assert et._live_seqs == 3 and et.backlog() == 0
     assert engine_thread(FakeEngine()).backlog() == 0  # no vllm_config: no limit known
 
 

@@ -105,13 +105,12 @@ class _Sink:
     """Where one request's completions go: an asyncio future (resolved on its loop) or a
     ``concurrent.futures`` future (resolved in the engine thread)."""
 
-    __slots__ = ("fut", "loop", "dedup", "seqs")
+    __slots__ = ("fut", "loop", "dedup")
 
     def __init__(self, fut: Any, loop: asyncio.AbstractEventLoop | None, dedup: bool) -> None:
         self.fut = fut
         self.loop = loop
         self.dedup = dedup
-        self.seqs = 0  # sequences it holds in the engine (set when it is added)
 
 
 def _resolve(fut: Any, value: Any) -> None:
@@ -155,7 +154,9 @@ class _EngineThread:
         self._error: BaseException | None = None
         self._closed = False
         self._dead = False  # the thread has stopped taking requests
-        self._open_seqs = 0  # sequences in the engine (written by this thread only)
+        # sequences in the engine, running or waiting (vLLM fans a request out into n child
+        # requests, each freed when it finishes): read from the engine after each step
+        self._live_seqs = 0
         sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
         cap = getattr(sched, "max_num_seqs", None)
         self._max_seqs: int | None = int(cap) if isinstance(cap, int) and cap > 0 else None
@@ -184,10 +185,11 @@ class _EngineThread:
 
     def backlog(self) -> int:
         """Sequences in the engine beyond the batch it runs at once (``max_num_seqs``): they
-        wait for a slot. 0 when the engine's limit is unknown. (A KV cache too small for
-        ``max_num_seqs`` makes more wait than this says: the estimate errs low.)"""
+        wait for a slot. 0 when the engine's limit is unknown. As of the last step (requests
+        queued since are not counted, and a KV cache too small for ``max_num_seqs`` makes
+        more wait than this says: the estimate errs low)."""
         cap = self._max_seqs
-        return 0 if cap is None else max(0, self._open_seqs - cap)
+        return 0 if cap is None else max(0, self._live_seqs - cap)
 
     def close(self) -> None:
         if self._closed:
@@ -208,7 +210,6 @@ class _EngineThread:
                 else:
                     if self._sinks:  # cannot happen with vLLM's bookkeeping; never wait forever
                         orphans, self._sinks = list(self._sinks.values()), {}
-                        self._open_seqs = 0
                         self._send([(s, RuntimeError("vLLM dropped the request")) for s in orphans])
                     items = self._drain([self._inbox.get()])  # idle: sleep until a request comes
                 items.reverse()
@@ -223,6 +224,7 @@ class _EngineThread:
                     next_scan = time.monotonic() + self.ABORT_SCAN_S
                 if engine.has_unfinished_requests():
                     self._deliver(engine.step())
+                self._live_seqs = engine.get_num_unfinished_requests()
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets it
             self._error = exc
             logger.exception("the vLLM engine thread failed")
@@ -243,9 +245,7 @@ class _EngineThread:
                 self._handle(one)
             return
         if item[0] == "abort":
-            sink = self._sinks.pop(item[1], None)
-            if sink is not None:
-                self._open_seqs -= sink.seqs
+            if self._sinks.pop(item[1], None) is not None:
                 self._engine.abort_request([item[1]])
             return
         _, rid, prompt, params, sink = item
@@ -256,14 +256,12 @@ class _EngineThread:
         except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
             self._send([(sink, exc)])
             return
-        sink.seqs = int(getattr(params, "n", 1) or 1)
-        self._open_seqs += sink.seqs
         self._sinks[rid] = sink
 
     def _abort_cancelled(self) -> None:
         gone = [rid for rid, s in self._sinks.items() if s.fut.cancelled()]
         for rid in gone:
-            self._open_seqs -= self._sinks.pop(rid).seqs
+            del self._sinks[rid]
         if gone:
             self._engine.abort_request(gone)
 
@@ -275,7 +273,6 @@ class _EngineThread:
             sink = self._sinks.pop(out.request_id, None)
             if sink is None:  # aborted meanwhile
                 continue
-            self._open_seqs -= sink.seqs
             try:
                 comps = [_to_completion(o, self._tokenizer) for o in sorted(out.outputs, key=lambda o: o.index)]
                 value: Any = dedup_completions(comps) if sink.dedup else comps
@@ -304,7 +301,7 @@ class _EngineThread:
         self._dead = True
         running = list(self._sinks.items())
         self._sinks.clear()
-        self._open_seqs = 0
+        self._live_seqs = 0
         if running:
             try:
                 self._engine.abort_request([rid for rid, _ in running])
@@ -346,6 +343,12 @@ class VLLMGenerator:
         )
         self._llm: Any = None
         self._runner: _EngineThread | None = None
+        # looked up once: these imports cost ~7-15 us each time (vLLM's lazy module attributes)
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._vllm_types = (SamplingParams, TokensPrompt, RequestOutputKind)
         self._lock = threading.Lock()
         self.max_model_len: int | None = self.config.max_model_len
 
@@ -396,10 +399,7 @@ class VLLMGenerator:
 
     # ------------------------------------------------------------------ requests
     def _prepare(self, r: GenerationRequest) -> tuple[Any, Any]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
+        SamplingParams, TokensPrompt, RequestOutputKind = self._vllm_types
         ids = prompt_token_ids(r, self.tokenizer)
         assert self.max_model_len is not None
         ids, max_new = fit_to_context(ids, r.max_new_tokens, self.max_model_len)
