@@ -66,13 +66,33 @@ def _perturb(gold: str, rng: random.Random) -> str | None:
     return gold[:i] + d + gold[i + 1 :]
 
 
-def make_pairs(n: int, seed: int = 0, data_dir: str | None = None) -> list[tuple[str, str]]:
-    """``n`` distinct (prediction, gold) pairs: ~50% equivalent reformats, ~50% wrong answers."""
-    rng = random.Random(seed)
+def _bench_golds(data_dir: str | None) -> list[str]:
+    """The single, short gold answers of the benchmark sets, in file order."""
     golds: list[str] = []
     for name in BENCH_SETS:
         golds += [p.answer for p in load_problems(name, data_dir=data_dir)
                   if p.answer and len(p.answers) == 1 and len(p.answer) < 200]
+    return golds
+
+
+def _candidate(gold: str, golds: list[str], rng: random.Random, *, reformat_below: float,
+               perturb_below: float) -> str:
+    """A model-style final answer to check against ``gold``: an equivalent reformat, a
+    perturbed (wrong) value, or another problem's gold, by one draw of ``rng``."""
+    kind = rng.random()
+    if kind < reformat_below:
+        pred = _reformat(gold, rng)
+    elif kind < perturb_below:
+        pred = _perturb(gold, rng) or rng.choice(golds)
+    else:
+        pred = rng.choice(golds)
+    return f"The final answer is $\\boxed{{{pred}}}$."
+
+
+def make_pairs(n: int, seed: int = 0, data_dir: str | None = None) -> list[tuple[str, str]]:
+    """``n`` distinct (prediction, gold) pairs: ~50% equivalent reformats, ~50% wrong answers."""
+    rng = random.Random(seed)
+    golds = _bench_golds(data_dir)
     rng.shuffle(golds)
     pairs: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
@@ -80,14 +100,7 @@ def make_pairs(n: int, seed: int = 0, data_dir: str | None = None) -> list[tuple
     while len(pairs) < n and i < 50 * n:
         gold = golds[i % len(golds)]
         i += 1
-        kind = rng.random()
-        if kind < 0.5:
-            pred = _reformat(gold, rng)
-        elif kind < 0.75:
-            pred = _perturb(gold, rng) or rng.choice(golds)
-        else:
-            pred = rng.choice(golds)
-        pred = f"The final answer is $\\boxed{{{pred}}}$."
+        pred = _candidate(gold, golds, rng, reformat_below=0.5, perturb_below=0.75)
         if (pred, gold) in seen or pred == gold:
             continue
         seen.add((pred, gold))
@@ -100,10 +113,7 @@ def make_search_workload(golds_n: int, per_gold: int, seed: int = 0,
     """Search-like checks: ``golds_n`` golds, each against ``per_gold`` distinct candidates
     (reformats, perturbations, other golds), in problem order, like terminal-answer grading."""
     rng = random.Random(seed + 1000)
-    golds: list[str] = []
-    for name in BENCH_SETS:
-        golds += [p.answer for p in load_problems(name, data_dir=data_dir)
-                  if p.answer and len(p.answers) == 1 and len(p.answer) < 200]
+    golds = _bench_golds(data_dir)
     rng.shuffle(golds)
     out: list[tuple[str, str]] = []
     used: set[str] = set()
@@ -117,14 +127,7 @@ def make_search_workload(golds_n: int, per_gold: int, seed: int = 0,
         tries = 0
         while len(cands) < per_gold and tries < 50 * per_gold:
             tries += 1
-            kind = rng.random()
-            if kind < 0.4:
-                pred = _reformat(gold, rng)
-            elif kind < 0.7:
-                pred = _perturb(gold, rng) or rng.choice(golds)
-            else:
-                pred = rng.choice(golds)
-            pred = f"The final answer is $\\boxed{{{pred}}}$."
+            pred = _candidate(gold, golds, rng, reformat_below=0.4, perturb_below=0.7)
             if pred not in cands:
                 cands.append(pred)
         out += [(c, gold) for c in cands]
