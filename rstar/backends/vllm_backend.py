@@ -160,6 +160,9 @@ class _EngineThread:
         sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
         cap = getattr(sched, "max_num_seqs", None)
         self._max_seqs: int | None = int(cap) if isinstance(cap, int) and cap > 0 else None
+        self._count_live = getattr(engine, "get_num_unfinished_requests", None)
+        if self._count_live is None:
+            self._max_seqs = None  # no count, no backlog
         self._thread = threading.Thread(target=self._run, name="rstar-vllm-engine", daemon=True)
         self._thread.start()
 
@@ -224,7 +227,8 @@ class _EngineThread:
                     next_scan = time.monotonic() + self.ABORT_SCAN_S
                 if engine.has_unfinished_requests():
                     self._deliver(engine.step())
-                self._live_seqs = engine.get_num_unfinished_requests()
+                if self._count_live is not None:
+                    self._live_seqs = self._count_live()
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets it
             self._error = exc
             logger.exception("the vLLM engine thread failed")
