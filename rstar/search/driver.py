@@ -487,13 +487,15 @@ class _Pacer:
 
     def pause(self, now: float) -> float:
         """The least time between the last turn and the next one, seen at ``now``."""
+        if self.busy <= 0.0:  # never paced on a backlog: no rate to keep
+            return self.interval
         if self._t is None:
             self._t, self._n = now, self.done
         elif now - self._t >= self.WINDOW_S:
             seen = (self.done - self._n) / (now - self._t)
             self.rate = seen if self.rate == 0.0 else 0.75 * self.rate + 0.25 * seen
             self._t, self._n = now, self.done
-        if self.busy <= 0.0 or self.rate <= 0.0:
+        if self.rate <= 0.0:
             return self.interval
         queued = self.backlog()  # type: ignore[misc]
         if queued <= 0:
